@@ -1,0 +1,55 @@
+"""The narrow protocol between the reconnect supervisor and one cloud media session.
+
+The supervisor never sees aiortc: it asks a :data:`SessionFactory` for a fresh
+:class:`MediaSession` for every connect attempt, runs it in a nursery it owns, and
+learns about the session's life only through :meth:`MediaSession.run`:
+
+* ``run`` connects, calls ``task_status.started()`` once the session really carries
+  media, and then keeps running until the session is lost; it *returns* the loss reason.
+* Raising before ``started()`` means the connect failed; the exception's text is the reason.
+* Cancellation means the supervisor is done with the session. Whatever ``run`` does on
+  the way out, it must close everything it opened, shielded and under its own deadline,
+  so that the next attempt never overlaps a half-closed session.
+
+The real implementation is :class:`scope_trio.media.CloudMediaSession`; the deterministic
+fake used by the race tests is :class:`scope_trio.testing.FakeCloud`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import trio
+
+Parameters = dict[str, Any]
+"""A JSON object of pipeline parameters (``prompts``, ``noise_scale``, ... extra keys allowed)."""
+
+
+class SessionClosedError(Exception):
+    """Raised by :meth:`MediaSession.send_parameters` when the session cannot deliver any more."""
+
+
+class MediaSession(Protocol):
+    """One cloud media session: one peer connection, from connect to loss or close."""
+
+    async def run(
+        self, params: Mapping[str, Any], *, task_status: trio.TaskStatus[None]
+    ) -> str:
+        """Connect with ``params`` as the initial parameters, report readiness, run until lost.
+
+        Returns the reason the session was lost. Raises if it could not connect.
+        Closes everything it opened before returning, raising or being cancelled.
+        """
+        ...
+
+    def send_parameters(self, update: Mapping[str, Any]) -> None:
+        """Deliver a parameter update to the cloud now (ordered, reliable).
+
+        Raises :class:`SessionClosedError` when the session is not connected any more.
+        """
+        ...
+
+
+SessionFactory = Callable[[], MediaSession]
+"""Makes a fresh, unconnected session for each connect attempt."""
