@@ -1,0 +1,163 @@
+"""A deterministic fake cloud for the supervisor's race tests and benchmarks.
+
+:class:`FakeCloud` hands out :class:`FakeSession` objects (it is a ``SessionFactory``) and
+plays a script of connect outcomes: connect after a delay, fail with a reason, or hang
+forever. While a session is connected a test can :meth:`FakeCloud.lose` it. Everything it
+does is recorded, so a test can assert "never two live sessions", "every session closed",
+and "every parameter update arrived". It uses only trio time, so it runs under
+``trio.testing.MockClock`` with exact virtual times.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from scope_trio.session import Parameters, SessionClosedError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one connect attempt goes."""
+
+    connect_delay: float = 0.0
+    fail: str | None = None
+    """Raise ``ConnectionError(fail)`` after ``connect_delay``."""
+    hang: bool = False
+    """Never connect (only a deadline or a cancel ends it)."""
+
+
+OK = Plan()
+
+
+class FakeState(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class FakeSession:
+    """One scripted session. Implements :class:`scope_trio.session.MediaSession`."""
+
+    def __init__(self, cloud: FakeCloud, index: int, plan: Plan) -> None:
+        self.cloud = cloud
+        self.index = index
+        self.plan = plan
+        self.state = FakeState.CONNECTING
+        self.initial: Parameters | None = None
+        self.updates: list[Parameters] = []
+        self.lost_reason: str | None = None
+        self._lost = trio.Event()
+
+    @property
+    def received(self) -> Parameters:
+        """The initial parameters merged with every update, as the cloud sees them."""
+        merged = dict(self.initial or {})
+        for update in self.updates:
+            merged.update(update)
+        return merged
+
+    async def run(self, params: Mapping[str, Any], *, task_status: trio.TaskStatus[None]) -> str:
+        self.initial = copy.deepcopy(dict(params))
+        self.cloud._opened(self)
+        try:
+            await trio.sleep(self.plan.connect_delay)
+            if self.plan.hang:
+                await trio.sleep_forever()
+            if self.plan.fail is not None:
+                raise ConnectionError(self.plan.fail)
+            self.state = FakeState.CONNECTED
+            self.cloud._touch()
+            task_status.started()
+            await self._lost.wait()
+            assert self.lost_reason is not None
+            return self.lost_reason
+        finally:
+            self.state = FakeState.CLOSING
+            self.cloud._touch()
+            with trio.move_on_after(self.cloud.close_delay + 1.0, shield=True):
+                await trio.sleep(self.cloud.close_delay)
+            self.state = FakeState.CLOSED
+            self.cloud._closed(self)
+
+    def send_parameters(self, update: Mapping[str, Any]) -> None:
+        if self.state is not FakeState.CONNECTED or self._lost.is_set():
+            raise SessionClosedError(f"fake session {self.index} is {self.state.value}")
+        self.updates.append(copy.deepcopy(dict(update)))
+        self.cloud._touch()
+
+    def lose(self, reason: str) -> None:
+        if self.state is FakeState.CONNECTED and not self._lost.is_set():
+            self.lost_reason = reason
+            self._lost.set()
+
+
+class FakeCloud:
+    """A session factory with a script of outcomes and a record of what happened."""
+
+    def __init__(self, *, default: Plan = OK, close_delay: float = 0.0) -> None:
+        self.default = default
+        self.close_delay = close_delay
+        self.sessions: list[FakeSession] = []
+        self.live = 0
+        self.max_live = 0
+        self.epoch = trio.current_time()
+        self.connect_times: list[float] = []
+        """When each session's connect began, in seconds since the cloud was made."""
+        self._script: deque[Plan] = deque()
+        self._changed = trio.Event()
+
+    def now(self) -> float:
+        """Seconds since this cloud was made (trio's clock; virtual under a MockClock)."""
+        return trio.current_time() - self.epoch
+
+    def script(self, *plans: Plan) -> None:
+        """Queue outcomes for the next connect attempts (then ``default`` again)."""
+        self._script.extend(plans)
+
+    def __call__(self) -> FakeSession:
+        plan = self._script.popleft() if self._script else self.default
+        session = FakeSession(self, len(self.sessions), plan)
+        self.sessions.append(session)
+        return session
+
+    @property
+    def connected(self) -> FakeSession | None:
+        for session in self.sessions:
+            if session.state is FakeState.CONNECTED:
+                return session
+        return None
+
+    def lose(self, reason: str = "peer connection closed") -> FakeSession:
+        """End the connected session as a real loss would. Raises if none is connected."""
+        session = self.connected
+        if session is None:
+            raise AssertionError("no fake session is connected")
+        session.lose(reason)
+        return session
+
+    async def wait_for(self, predicate: Callable[[FakeCloud], bool]) -> None:
+        """Wait until ``predicate(self)`` holds. Callers put a deadline around it."""
+        while not predicate(self):
+            await self._changed.wait()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _opened(self, session: FakeSession) -> None:
+        self.live += 1
+        self.max_live = max(self.max_live, self.live)
+        self.connect_times.append(self.now())
+        self._touch()
+
+    def _closed(self, session: FakeSession) -> None:
+        self.live -= 1
+        self._touch()
