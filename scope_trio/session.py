@@ -5,7 +5,9 @@ The supervisor never sees aiortc: it asks a :data:`SessionFactory` for a fresh
 learns about the session's life only through :meth:`MediaSession.run`:
 
 * ``run`` connects, calls ``task_status.started()`` once the session really carries
-  media, and then keeps running until the session is lost; it *returns* the loss reason.
+  media, and then keeps running until the session is lost. The moment it sees the loss it
+  calls ``on_lost(reason)`` (so the status can say so at once, before any slow close), then
+  closes what it opened and *returns* the same reason.
 * Raising before ``started()`` means the connect failed; the exception's text is the reason.
 * Cancellation means the supervisor is done with the session. Whatever ``run`` does on
   the way out, it must close everything it opened, shielded and under its own deadline,
@@ -34,12 +36,17 @@ class MediaSession(Protocol):
     """One cloud media session: one peer connection, from connect to loss or close."""
 
     async def run(
-        self, params: Mapping[str, Any], *, task_status: trio.TaskStatus[None]
+        self,
+        params: Mapping[str, Any],
+        on_lost: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None],
     ) -> str:
         """Connect with ``params`` as the initial parameters, report readiness, run until lost.
 
-        Returns the reason the session was lost. Raises if it could not connect.
-        Closes everything it opened before returning, raising or being cancelled.
+        Calls ``on_lost(reason)`` as soon as a loss is seen, and returns the same reason once
+        closed. Raises if it could not connect. Closes everything it opened before
+        returning, raising or being cancelled; ``on_lost`` is not called for a cancel.
         """
         ...
 

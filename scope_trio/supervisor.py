@@ -574,7 +574,9 @@ class SessionSupervisor:
     ) -> None:
         connected = _Connected(task_status)
         try:
-            reason = await session.run(initial, task_status=connected)
+            reason = await session.run(
+                initial, lambda reason: self._on_lost(run, reason), task_status=connected
+            )
         except Exception as exc:
             if not connected.value:
                 raise

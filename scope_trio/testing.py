@@ -54,6 +54,7 @@ class FakeSession:
         self.initial: Parameters | None = None
         self.updates: list[Parameters] = []
         self.lost_reason: str | None = None
+        self.connected_once = False
         self._lost = trio.Event()
 
     @property
@@ -64,7 +65,13 @@ class FakeSession:
             merged.update(update)
         return merged
 
-    async def run(self, params: Mapping[str, Any], *, task_status: trio.TaskStatus[None]) -> str:
+    async def run(
+        self,
+        params: Mapping[str, Any],
+        on_lost: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> str:
         self.initial = copy.deepcopy(dict(params))
         self.cloud._opened(self)
         try:
@@ -74,10 +81,12 @@ class FakeSession:
             if self.plan.fail is not None:
                 raise ConnectionError(self.plan.fail)
             self.state = FakeState.CONNECTED
+            self.connected_once = True
             self.cloud._touch()
             task_status.started()
             await self._lost.wait()
             assert self.lost_reason is not None
+            on_lost(self.lost_reason)
             return self.lost_reason
         finally:
             self.state = FakeState.CLOSING

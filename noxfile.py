@@ -1,0 +1,76 @@
+"""Test matrix: ``nox`` runs lint, typecheck and the tests on Python 3.10-3.13.
+
+Why this file finds the pyenv interpreters itself: the machines have every Python
+under pyenv, but a pyenv shim such as ``python3.10`` answers "command not found"
+unless that version is the selected one, so nox cannot use the shims. At import
+time we therefore put every ``$(pyenv root)/versions/*/bin`` on PATH (newest first,
+ahead of the shims), which makes ``python3.10`` ... ``python3.13`` real executables.
+Nothing can be downloaded on these machines, so interpreter downloads are off:
+a missing interpreter is an error, never a fetch and never a silent skip.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.10.14"  # first release with the download_python option
+
+PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
+
+
+def _pyenv_root() -> Path:
+    if pyenv := shutil.which("pyenv"):
+        out = subprocess.run([pyenv, "root"], capture_output=True, text=True, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return Path(out.stdout.strip())
+    if root := os.environ.get("PYENV_ROOT"):
+        return Path(root)
+    return Path.home() / ".pyenv"
+
+
+def _version_key(bin_dir: Path) -> tuple[int, ...]:
+    return tuple(int(n) for n in re.findall(r"\d+", bin_dir.parent.name))
+
+
+_bins = sorted(_pyenv_root().glob("versions/*/bin"), key=_version_key, reverse=True)
+os.environ["PATH"] = os.pathsep.join([*map(str, _bins), os.environ.get("PATH", "")])
+os.environ["UV_PYTHON_DOWNLOADS"] = "never"
+
+nox.options.default_venv_backend = "uv"
+nox.options.download_python = "never"
+nox.options.error_on_missing_interpreters = True
+nox.options.reuse_venv = "yes"  # CI starts from a fresh clone, so this only speeds up local runs
+nox.options.sessions = ["lint", "typecheck", "tests"]  # later: "e2e", "bench"
+
+
+@nox.session(python=PYTHONS)
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests (pytest; posargs are passed through)."""
+    session.install("-e", ".", "--group", "tests")
+    # session.run fails on any non-zero exit, so pytest's 5 (no tests collected) fails too.
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1])
+def lint(session: nox.Session) -> None:
+    """Ruff lint (ASYNC rules included) and format check."""
+    session.install("--group", "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session(python=PYTHONS[0])  # matches mypy's python_version = "3.10"
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over scope_trio (configured in pyproject.toml)."""
+    session.install("-e", ".", "--group", "types")
+    session.run("mypy", *session.posargs)
+
+
+# Later sessions (e2e, bench) go here; add them to nox.options.sessions above if
+# plain `nox` (README's test command, run by .ci/run) should include them.
