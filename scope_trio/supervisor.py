@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import json
 import logging
 import math
 import random
@@ -237,12 +238,17 @@ class _Connected:
 
 
 def _copy_parameters(params: Mapping[str, Any], what: str) -> Parameters:
+    """A private deep copy of ``params``, proven JSON-serialisable (the cloud gets JSON)."""
     if not isinstance(params, Mapping):
         raise TypeError(f"{what} must be a JSON object, got {type(params).__name__}")
     bad = [key for key in params if not isinstance(key, str)]
     if bad:
         raise TypeError(f"{what} keys must be strings, got {bad[0]!r}")
-    return copy.deepcopy(dict(params))
+    try:
+        copied: Parameters = json.loads(json.dumps(dict(params), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{what} must be plain JSON: {exc}") from None
+    return copied
 
 
 class SessionSupervisor:
@@ -361,9 +367,10 @@ class SessionSupervisor:
         """
         if self._state.phase is not Phase.LINK_DOWN:
             return
+        error = self._state.webrtc_error
         ticket = self._supersede(Phase.CONNECTING)
         self._restarts.clear()
-        await self._launch(ticket)
+        await self._launch(ticket, abandoned=Phase.LINK_DOWN, error=error)
 
     async def stop(self) -> None:
         """Cancel everything and forget the parameters. Returns once the session is closed.
@@ -434,24 +441,32 @@ class SessionSupervisor:
         if run is None:
             return
         run.scope.cancel()
-        with trio.move_on_after(self.policy.close_timeout) as waited:
+        # Sessions close within close_timeout (their own shielded deadline); allow twice that.
+        with trio.move_on_after(2 * self.policy.close_timeout) as waited:
             await run.done.wait()
         if waited.cancelled_caught:
             logger.error(
-                "session did not close within %.1f s; abandoning it", self.policy.close_timeout
+                "session did not close within %.1f s; abandoning it", 2 * self.policy.close_timeout
             )
         if self._run is run:
             self._run = None
 
     async def _retire_shielded(self) -> None:
-        # Shielded: a stop must finish even when its caller is cancelled; the deadline is
-        # _retire's own (close_timeout) plus the time to get the lock from a start whose
-        # connect is already cancelled and itself bounded by close_timeout.
-        with trio.move_on_after(3 * self.policy.close_timeout, shield=True):
+        # Shielded: a stop must finish even when its caller is cancelled. The deadline covers
+        # _retire's own bound plus getting the lock from a start whose connect is already
+        # cancelled and closing (itself bounded the same way).
+        with trio.move_on_after(4 * self.policy.close_timeout, shield=True):
             async with self._lock:
                 await self._retire()
 
-    async def _launch(self, ticket: int) -> None:
+    async def _launch(
+        self, ticket: int, *, abandoned: Phase = Phase.IDLE, error: str | None = None
+    ) -> None:
+        """Retire the current run and start a new one for ``ticket``; see :meth:`start`.
+
+        If the launch ends without a connected session and nothing superseded it (its caller
+        was cancelled), the phase becomes ``abandoned``.
+        """
         try:
             async with self._lock:
                 if ticket != self._ticket:
@@ -467,14 +482,18 @@ class SessionSupervisor:
                     raise StartAbortedError(
                         "superseded by a later start, stop or link loss"
                     ) from None
-        except BaseException as exc:
-            # A start that did not connect must not leave "connecting" behind: if nothing
-            # superseded it (say, its caller was cancelled), record why it ended.
-            if ticket == self._ticket and self._state.phase is Phase.CONNECTING:
-                if isinstance(exc, StartFailedError):
-                    pass  # _supervise already recorded FAILED with the reason
-                else:
-                    self._set(None, phase=Phase.IDLE)
+                if ticket != self._ticket:
+                    # Superseded between the connect and our return: not ours to report.
+                    raise StartAbortedError("superseded by a later start, stop or link loss")
+        except BaseException:
+            # A start that did not end connected must not leave "connecting" (or a
+            # "connected" whose session its cancelled caller took down) behind. A failed
+            # start already says FAILED.
+            if ticket == self._ticket and self._state.phase in (Phase.CONNECTING, Phase.CONNECTED):
+                if self._run is not None:
+                    self._run.scope.cancel()
+                self._session = None
+                self._set(None, phase=abandoned, webrtc_error=error)
             raise
 
     async def _supervise(self, run: _Run, *, task_status: trio.TaskStatus[None]) -> None:
@@ -519,6 +538,8 @@ class SessionSupervisor:
                 self._give_up(run, intensity_message(policy.max_restarts, policy.restart_window))
                 return None
             await trio.sleep(policy.delay(attempt, self._rng))
+            if run.ticket != self._ticket:
+                return None  # superseded while asleep; the cancel arrives at our next await
             self._restarts.append(trio.current_time())
             self._set(run, phase=Phase.RECONNECTING, attempt=attempt)
             logger.info("reconnect attempt %d/%d", attempt, policy.max_attempts)
@@ -557,6 +578,8 @@ class SessionSupervisor:
                 failure = f"connect timed out after {self.policy.attempt_timeout:g} s"
             if failure is None:
                 self._on_connected(run, session, one_shots, snapshot_version)
+                if lost:  # lost before we got here: report it now, it was dropped before
+                    self._on_lost(run, lost[0])
                 if on_connected is not None:
                     on_connected()
         if failure is not None:
@@ -613,7 +636,8 @@ class SessionSupervisor:
             self._pending_one_shots = {}
             try:
                 session.send_parameters(catch_up)
-            except SessionClosedError:
+            except Exception:  # closed under us, or worse: keep one-shots, never crash
+                logger.warning("could not deliver the catch-up parameters", exc_info=True)
                 self._pending_one_shots = {
                     k: v for k, v in catch_up.items() if k in self.one_shot_keys
                 }

@@ -31,6 +31,8 @@ class Plan:
     """Raise ``ConnectionError(fail)`` after ``connect_delay``."""
     hang: bool = False
     """Never connect (only a deadline or a cancel ends it)."""
+    lose_at_once: str | None = None
+    """Connect, then report this loss with no checkpoint in between."""
 
 
 OK = Plan()
@@ -84,7 +86,12 @@ class FakeSession:
             self.connected_once = True
             self.cloud._touch()
             task_status.started()
-            await self._lost.wait()
+            if self.cloud.on_connected is not None:
+                self.cloud.on_connected(self)
+            if self.plan.lose_at_once is not None:
+                self.lose(self.plan.lose_at_once)  # and no checkpoint before on_lost
+            else:
+                await self._lost.wait()
             assert self.lost_reason is not None
             on_lost(self.lost_reason)
             return self.lost_reason
@@ -120,6 +127,8 @@ class FakeCloud:
         self.epoch = trio.current_time()
         self.connect_times: list[float] = []
         """When each session's connect began, in seconds since the cloud was made."""
+        self.on_connected: Callable[[FakeSession], object] | None = None
+        """Called synchronously right after a session reports it connected (race tests)."""
         self._script: deque[Plan] = deque()
         self._changed = trio.Event()
 

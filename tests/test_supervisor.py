@@ -707,3 +707,79 @@ async def test_scope_bug_7_a_one_second_recovery_is_seen_by_a_watcher(
                     break
                 seen.append((status.webrtc_connected, status.webrtc_reconnecting))
         assert seen == [(True, False), (False, True), (False, True), (True, False)]
+
+
+# ------------------------------------------- races found in review (regressions)
+
+
+async def test_caller_cancelled_as_the_session_connects_leaves_no_phantom(
+    autojump_clock: MockClock,
+) -> None:
+    cloud = FakeCloud(default=Plan(connect_delay=0.5))
+    async with supervised(cloud) as supervisor:
+        with trio.CancelScope() as caller:
+            cloud.on_connected = lambda session: caller.cancel()
+            await supervisor.start({"a": 1})
+        cloud.on_connected = None
+        await trio.sleep(30)
+        assert cloud.live == 0
+        assert supervisor.status.phase is Phase.IDLE, "no 'connected' without a session"
+
+
+async def test_loss_right_after_connect_is_reported(autojump_clock: MockClock) -> None:
+    cloud = FakeCloud()
+    cloud.script(Plan(lose_at_once="peer connection closed"))
+    async with supervised(cloud) as supervisor:
+        await supervisor.start({})
+        await trio.sleep(0.5)  # inside the 1 s backoff
+        status = supervisor.status
+        assert status.phase is Phase.BACKOFF
+        assert status.sessions_lost == 1
+        assert status.webrtc_error == lost_message("peer connection closed")
+        await until(supervisor, connected)
+        assert cloud.connect_times == [0, 1]
+
+
+async def test_start_superseded_after_connecting_raises_aborted(
+    autojump_clock: MockClock,
+) -> None:
+    cloud = FakeCloud(default=Plan(connect_delay=0.5))
+    async with supervised(cloud) as supervisor:
+        cloud.on_connected = lambda session: supervisor._nursery.start_soon(supervisor.stop)
+        with pytest.raises(StartAbortedError):
+            await supervisor.start({})
+        cloud.on_connected = None
+        await until(supervisor, lambda s: s.phase is Phase.IDLE)
+        assert cloud.live == 0
+
+
+async def test_parameters_that_are_not_plain_json_are_refused_up_front(
+    autojump_clock: MockClock,
+) -> None:
+    cloud = FakeCloud()
+    async with supervised(cloud) as supervisor:
+        with pytest.raises(TypeError, match="plain JSON"):
+            await supervisor.start({"x": {1, 2}})
+        await supervisor.start({"a": 1})
+        await lose(supervisor, cloud)
+        with pytest.raises(TypeError, match="plain JSON"):
+            supervisor.update_parameters({"x": float("nan")})
+        await until(supervisor, connected)
+        assert supervisor.last_parameters == {"a": 1}
+        assert cloud.sessions[-1].received == {"a": 1}
+
+
+async def test_cancelled_resume_stays_link_down(autojump_clock: MockClock) -> None:
+    cloud = FakeCloud()
+    async with supervised(cloud) as supervisor:
+        await supervisor.start({"a": 1})
+        await supervisor.link_lost("code 1006")
+        error = supervisor.status.webrtc_error
+        cloud.script(Plan(connect_delay=5))
+        with trio.move_on_after(1):
+            await supervisor.resume()
+        assert supervisor.status.phase is Phase.LINK_DOWN
+        assert supervisor.status.webrtc_error == error
+        await supervisor.resume()
+        assert supervisor.status.webrtc_connected
+        assert cloud.sessions[-1].initial == {"a": 1}
