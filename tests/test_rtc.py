@@ -1,0 +1,430 @@
+"""The aiortc bridge with real peers on loopback, inside the trio-asyncio loop."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import aioice.ice
+import aioice.stun
+import pytest
+import trio
+from aiortc import MediaStreamTrack, RTCPeerConnection
+from av import VideoFrame
+from devcloud_client import connect, luma_halves, mean_luma, rgb_frame
+
+from scope_trio import rtc
+
+# Generous deadlines: these run real media on a loaded 2-core machine.
+CONNECT_DEADLINE = 15.0
+FRAME_DEADLINE = 10.0
+
+
+@dataclass
+class Pair:
+    """An offerer sending a TrioVideoSource to an answerer, connected."""
+
+    offerer: rtc.RTCPeerConnection
+    answerer: rtc.RTCPeerConnection
+    offerer_events: rtc.PeerEvents
+    answerer_events: rtc.PeerEvents
+    source: rtc.TrioVideoSource
+    remote_track: MediaStreamTrack
+
+
+@asynccontextmanager
+async def open_pair() -> AsyncIterator[Pair]:
+    """Two connected peers on loopback; both closed on exit."""
+    offerer = rtc.new_peer_connection([])
+    answerer = rtc.new_peer_connection([])
+    offerer_events = rtc.PeerEvents(offerer)
+    answerer_events = rtc.PeerEvents(answerer)
+    source = rtc.TrioVideoSource(fps=30, width=64, height=64)
+    offerer.addTrack(source)
+    try:
+        with trio.fail_after(CONNECT_DEADLINE):
+            await connect(offerer, answerer)
+            await offerer_events.wait_state("connected")
+            await answerer_events.wait_state("connected")
+            remote_track = await answerer_events.tracks.receive()
+        yield Pair(offerer, answerer, offerer_events, answerer_events, source, remote_track)
+    finally:
+        await rtc.close_peer_connection(offerer)
+        await rtc.close_peer_connection(answerer)
+
+
+@pytest.fixture
+async def pair(aio_loop: object) -> AsyncIterator[Pair]:
+    async with open_pair() as connected:
+        yield connected
+
+
+async def next_frame_where(
+    receive: trio.MemoryReceiveChannel[VideoFrame], predicate: object
+) -> VideoFrame:
+    assert callable(predicate)
+    async for frame in receive:
+        if predicate(frame):
+            return frame
+    raise AssertionError("track ended")
+
+
+async def test_new_peer_connection_converts_ice_servers(aio_loop: object) -> None:
+    pc = rtc.new_peer_connection(
+        [
+            {"urls": "stun:stun.example.org:3478"},
+            {"urls": ["turn:turn.example.org"], "username": "u", "credential": "c"},
+        ]
+    )
+    try:
+        servers = pc._RTCPeerConnection__configuration.iceServers  # type: ignore[attr-defined]
+        assert servers is not None
+        assert [s.urls for s in servers] == [
+            ["stun:stun.example.org:3478"],
+            ["turn:turn.example.org"],
+        ]
+        assert (servers[1].username, servers[1].credential) == ("u", "c")
+    finally:
+        await rtc.close_peer_connection(pc)
+    empty = rtc.new_peer_connection([])
+    try:
+        config = empty._RTCPeerConnection__configuration  # type: ignore[attr-defined]
+        assert config.iceServers == []
+    finally:
+        await rtc.close_peer_connection(empty)
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {},
+        {"urls": 3},
+        {"urls": []},
+        {"urls": "stun:x", "username": 1},
+        {"urls": "x", "credential": 2},
+    ],
+)
+async def test_new_peer_connection_rejects_garbage(
+    aio_loop: object, entry: dict[str, object]
+) -> None:
+    with pytest.raises(ValueError, match="ICE server"):
+        rtc.new_peer_connection([entry])
+
+
+async def test_frames_flow_and_black_after_idle(pair: Pair) -> None:
+    send, receive = trio.open_memory_channel[VideoFrame](1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rtc.receive_video, pair.remote_track, send.send_nowait)
+
+        # White frames pushed from trio arrive white (lossy: compare with a tolerance).
+        async def feed_white() -> None:
+            while True:
+                pair.source.push(rgb_frame(64, 64, 255))
+                await trio.sleep(1 / 30)
+
+        feeder = trio.CancelScope()
+
+        async def run_feeder() -> None:
+            with feeder:
+                await feed_white()
+
+        nursery.start_soon(run_feeder)
+        with trio.fail_after(FRAME_DEADLINE):
+            await next_frame_where(receive, lambda f: mean_luma(f) > 200)
+
+        # Input stops: within about idle_timeout the track turns black, same size.
+        feeder.cancel()
+        stopped = time.monotonic()
+        with trio.fail_after(FRAME_DEADLINE):
+            black = await next_frame_where(receive, lambda f: mean_luma(f) < 40)
+        assert time.monotonic() - stopped >= 0.5
+        assert (black.width, black.height) == (64, 64)
+        assert pair.source.black_frames_sent > 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_receive_video_returns_when_remote_closes(pair: Pair) -> None:
+    first = trio.Event()
+    counts: list[int] = []
+
+    def deliver(frame: VideoFrame) -> None:
+        first.set()
+
+    async def receive() -> None:
+        counts.append(await rtc.receive_video(pair.remote_track, deliver))
+
+    with trio.fail_after(FRAME_DEADLINE):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            await first.wait()  # black frames flow without input
+            await rtc.close_peer_connection(pair.offerer)
+        # receive_video returned by itself: the nursery was not cancelled.
+        assert counts[0] >= 1
+        assert await pair.answerer_events.wait_state("closed") == "closed"
+
+
+async def test_request_keyframe(pair: Pair) -> None:
+    send, receive = trio.open_memory_channel[VideoFrame](1000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rtc.receive_video, pair.remote_track, send.send_nowait)
+        with trio.fail_after(FRAME_DEADLINE):
+            await receive.receive()
+        assert await rtc.request_keyframe(pair.answerer, pair.remote_track)
+        nursery.cancel_scope.cancel()
+    # A track this peer connection does not receive has nothing to ask for.
+    assert not await rtc.request_keyframe(pair.answerer, pair.source)
+
+
+async def test_source_paces_with_increasing_pts(aio_loop: object) -> None:
+    source = rtc.TrioVideoSource(fps=50, idle_timeout=10.0, width=32, height=32)
+    try:
+        started = time.monotonic()
+        pts: list[int] = []
+        with trio.fail_after(FRAME_DEADLINE):
+            for _ in range(11):
+                source.push(rgb_frame(32, 32, 0, 255))
+                frame = await rtc.aio(source.recv)
+                assert frame.time_base == rtc.VIDEO_TIME_BASE
+                assert frame.pts is not None
+                pts.append(frame.pts)
+        elapsed = time.monotonic() - started
+        assert elapsed >= 10 / 50 * 0.9  # never faster than fps
+        assert pts == sorted(set(pts))
+        # pts follow wall time in the 90 kHz clock (loose: the machine may be loaded).
+        assert pts[-1] - pts[0] >= int(0.9 * elapsed * 90_000) - 9_000
+        # Newest frame wins: two pushes before a recv deliver only the second.
+        source.push(rgb_frame(32, 32, 0))
+        source.push(rgb_frame(32, 32, 255))
+        with trio.fail_after(FRAME_DEADLINE):
+            frame = await rtc.aio(source.recv)
+        assert mean_luma(frame) > 200
+        assert source.frames_pushed == 13
+    finally:
+        source.stop()
+    with pytest.raises(rtc.MediaStreamError):
+        await rtc.aio(source.recv)
+
+
+async def test_source_black_frame_without_input(aio_loop: object) -> None:
+    source = rtc.TrioVideoSource(fps=30, idle_timeout=0.2)
+    try:
+        with trio.fail_after(FRAME_DEADLINE):
+            frame = await rtc.aio(source.recv)
+            assert (frame.width, frame.height) == (512, 512)
+            assert mean_luma(frame) < 20
+            # Idle: black frames at the frame rate until a frame is pushed.
+            started = time.monotonic()
+            for _ in range(3):
+                assert mean_luma(await rtc.aio(source.recv)) < 20
+            assert time.monotonic() - started >= 2 / 30 * 0.9
+            source.push(rgb_frame(64, 32, 0, 255))
+            left, right = luma_halves(await rtc.aio(source.recv))
+            assert left < 20
+            assert right > 235
+            # The next black frame has the size of the last pushed one.
+            frame = await rtc.aio(source.recv)
+            assert (frame.width, frame.height, mean_luma(frame) < 20) == (64, 32, True)
+    finally:
+        source.stop()
+
+
+async def test_source_delivers_a_frame_pushed_while_waiting(aio_loop: object) -> None:
+    source = rtc.TrioVideoSource(fps=30, idle_timeout=10.0)
+    result: list[VideoFrame] = []
+    try:
+        with trio.fail_after(FRAME_DEADLINE):
+            async with trio.open_nursery() as nursery:
+
+                async def receive() -> None:
+                    result.append(await rtc.aio(source.recv))
+
+                nursery.start_soon(receive)
+                await trio.sleep(0.1)
+                assert not result  # waiting for input, not sending black yet
+                source.push(rgb_frame(64, 32, 0, 255))
+        left, right = luma_halves(result[0])
+        assert left < 20
+        assert right > 235
+    finally:
+        source.stop()
+
+
+async def test_close_is_idempotent_and_shielded(pair: Pair) -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        # Already cancelled: the close still runs to completion.
+        assert await rtc.close_peer_connection(pair.offerer)
+    assert pair.offerer.connectionState == "closed"
+    with trio.fail_after(2):
+        assert await rtc.close_peer_connection(pair.offerer)
+    # Concurrent closes of the other peer: one close, every caller sees it complete.
+    results: list[bool] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+
+            async def close() -> None:
+                results.append(await rtc.close_peer_connection(pair.answerer))
+
+            nursery.start_soon(close)
+    assert results == [True, True, True]
+    assert pair.answerer.connectionState == "closed"
+
+
+async def test_close_while_encoding_completes(aio_loop: object) -> None:
+    """Regression: a close issued while aiortc encodes a frame in its executor used to hang.
+
+    trio-asyncio lost the sender task's cancel when it arrived during ``run_in_executor``;
+    the first (key)frames take longest to encode, so closing right after connecting while
+    frames flow hit it most of the time.
+    """
+    for _ in range(3):
+        async with open_pair() as pair, trio.open_nursery() as nursery:
+
+            async def feed(source: rtc.TrioVideoSource = pair.source) -> None:
+                while True:
+                    source.push(rgb_frame(64, 64, 0, 255))
+                    await trio.sleep(1 / 30)
+
+            nursery.start_soon(feed)
+            await trio.lowlevel.checkpoint()
+            with trio.fail_after(4):
+                assert await rtc.close_peer_connection(pair.offerer, timeout=3)
+            nursery.cancel_scope.cancel()
+
+
+async def test_close_before_connect(aio_loop: object) -> None:
+    pc = rtc.new_peer_connection([])
+    pc.createDataChannel("parameters")
+    await rtc.create_offer(pc)
+    with trio.fail_after(10):
+        assert await rtc.close_peer_connection(pc)
+
+
+async def test_data_channel_messages_in_order(aio_loop: object) -> None:
+    offerer = rtc.new_peer_connection([])
+    answerer = rtc.new_peer_connection([])
+    answerer_events = rtc.PeerEvents(answerer)
+    channel = offerer.createDataChannel("parameters", ordered=True)
+    opened = trio.Event()
+    channel.on("open", opened.set)
+    try:
+        with trio.fail_after(CONNECT_DEADLINE):
+            await connect(offerer, answerer)
+            remote, messages = await answerer_events.channels.receive()
+            await opened.wait()
+            for i in range(20):
+                channel.send(f'{{"n": {i}}}')  # a sync aiortc call from trio
+            received = [await messages.receive() for _ in range(20)]
+        assert received == [f'{{"n": {i}}}' for i in range(20)]
+        assert remote.label == "parameters"
+        await rtc.close_peer_connection(offerer)
+        with trio.fail_after(CONNECT_DEADLINE):
+            async for _ in messages:  # ends when the channel closes
+                pass
+    finally:
+        await rtc.close_peer_connection(offerer)
+        await rtc.close_peer_connection(answerer)
+
+
+async def test_parse_ice_candidate(aio_loop: object) -> None:
+    pc = rtc.new_peer_connection([])
+    pc.createDataChannel("x")
+    try:
+        offer = await rtc.create_offer(pc)
+        line = next(line for line in offer.sdp.splitlines() if line.startswith("a=candidate:"))
+        for text in (line, line[2:], line[len("a=candidate:") :]):
+            candidate = rtc.parse_ice_candidate(
+                {"candidate": text, "sdpMid": "0", "sdpMLineIndex": 0}
+            )
+            assert candidate is not None
+            assert (candidate.sdpMid, candidate.sdpMLineIndex) == ("0", 0)
+            assert candidate.protocol == "udp"
+            assert candidate.port > 0
+    finally:
+        await rtc.close_peer_connection(pc)
+    assert rtc.parse_ice_candidate(None) is None
+    assert rtc.parse_ice_candidate({"candidate": "", "sdpMid": "0"}) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        "candidate:1 1 udp 1 1.2.3.4 5 typ host",
+        {"candidate": 5, "sdpMid": "0"},
+        {"candidate": "candidate:garbage", "sdpMid": "0"},
+        {"candidate": "candidate:1 1 udp x 1.2.3.4 5 typ host", "sdpMid": "0"},
+        {"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host"},
+        {"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host", "sdpMLineIndex": "0"},
+        {"candidate": "candidate:1 1 udp 1 1.2.3.4 5 typ host", "sdpMid": 0},
+    ],
+)
+def test_parse_ice_candidate_rejects_garbage(data: object) -> None:
+    with pytest.raises(ValueError, match="ICE candidate"):
+        rtc.parse_ice_candidate(data)  # type: ignore[arg-type]
+
+
+async def test_answer_offer_rejects_malformed_sdp(aio_loop: object) -> None:
+    pc = rtc.new_peer_connection([])
+    try:
+        for sdp in ("", "garbage", "v=0\r\nm=video\r\n"):
+            with pytest.raises(ValueError, match="SDP"):
+                await rtc.answer_offer(pc, sdp)
+        with pytest.raises(ValueError, match="offer"):
+            await rtc.answer_offer(pc, "v=0", "answer")
+    finally:
+        await rtc.close_peer_connection(pc)
+
+
+def test_tune_ice_consent_sets_and_restores() -> None:
+    original = rtc.get_ice_consent()
+    try:
+        previous = rtc.tune_ice_consent(0.3, 3, 0.2)
+        assert previous == original
+        assert (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES) == (0.3, 3)
+        assert aioice.stun.RETRY_RTO == 0.2
+        assert rtc.get_ice_consent() == rtc.FAST_CONSENT
+        assert rtc.tune_ice_consent(**dataclasses.asdict(previous)) == rtc.FAST_CONSENT
+        assert rtc.get_ice_consent() == original
+        with pytest.raises(ValueError, match="positive"):
+            rtc.tune_ice_consent(0, 3, 0.2)
+        assert rtc.get_ice_consent() == original
+    finally:
+        rtc.tune_ice_consent(**dataclasses.asdict(original))
+    assert original == rtc.AIOICE_DEFAULT_CONSENT  # nothing else in the process changed it
+
+
+async def test_silent_path_detected_with_fast_consent(aio_loop: object) -> None:
+    """A datagram filter makes the path silent; fast consent notices within seconds.
+
+    The consent interval is read when each check is scheduled, so tune before connecting.
+    """
+    original = rtc.tune_ice_consent(**dataclasses.asdict(rtc.FAST_CONSENT))
+    try:
+        async with open_pair() as pair:
+            dropping = False
+            assert rtc.install_datagram_filter(pair.answerer, lambda: dropping) >= 1
+            await trio.sleep(1.0)  # healthy path: consent keeps passing
+            assert pair.offerer.connectionState == "connected"
+            dropping = True
+            started = time.monotonic()
+            with trio.fail_after(10):
+                await pair.offerer_events.wait_state("closed")
+            detected = time.monotonic() - started
+            print(f"silent path detected after {detected:.2f} s")
+            assert detected < 5
+    finally:
+        rtc.tune_ice_consent(**dataclasses.asdict(original))
+
+
+async def test_peer_events_wait_state_raises_on_close(pair: Pair) -> None:
+    await rtc.close_peer_connection(pair.answerer)
+    with trio.fail_after(CONNECT_DEADLINE), pytest.raises(ConnectionError, match="closed"):
+        await pair.offerer_events.wait_state("never")
+
+
+def test_public_types_are_real() -> None:
+    assert issubclass(rtc.TrioVideoSource, MediaStreamTrack)
+    assert RTCPeerConnection is rtc.RTCPeerConnection
