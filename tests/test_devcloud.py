@@ -1,0 +1,539 @@
+"""The devcloud: real Hypercorn on an ephemeral port, a trio-websocket client, real aiortc."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio_websocket
+from devcloud_client import (
+    MediaClient,
+    Signaling,
+    control,
+    fault,
+    luma_halves,
+    open_signaling,
+    rgb_frame,
+    running_devcloud,
+    start_media,
+    state,
+)
+
+from scope_trio import devcloud, rtc
+
+# Generous: real media on a loaded 2-core machine.
+DEADLINE = 20.0
+
+
+@pytest.fixture
+async def url(aio_loop: object) -> AsyncIterator[str]:
+    async with running_devcloud() as base_url:
+        yield base_url
+
+
+@pytest.fixture
+def fast_consent() -> object:
+    """Fast ICE consent for the test (process-global, restored after)."""
+    original = rtc.tune_ice_consent(**dataclasses.asdict(rtc.FAST_CONSENT))
+    yield rtc.FAST_CONSENT
+    rtc.tune_ice_consent(**dataclasses.asdict(original))
+
+
+async def wait_for_state(url: str, predicate: object, deadline: float = DEADLINE) -> dict:
+    """Poll /control/state until ``predicate(state)`` holds (a control API has no events)."""
+    assert callable(predicate)
+    with trio.fail_after(deadline):
+        while True:
+            current = await state(url)
+            if predicate(current):
+                return current
+            await trio.sleep(0.05)
+
+
+async def inverted_frame(client: MediaClient) -> tuple[float, float]:
+    """Wait for a frame showing the input pattern inverted (left white, right black)."""
+    while True:
+        left, right = luma_halves(await client.next_frame())
+        if left > 200 and right < 55:
+            return left, right
+
+
+async def straight_frame(client: MediaClient) -> tuple[float, float]:
+    """Wait for a frame showing the input pattern as sent (left black, right white)."""
+    while True:
+        left, right = luma_halves(await client.next_frame())
+        if left < 55 and right > 200:
+            return left, right
+
+
+async def frames_stop(client: MediaClient, settle: float = 0.5, quiet: float = 1.0) -> None:
+    """Assert no frame arrives during ``quiet`` seconds, after ``settle`` for in-flight ones."""
+    await trio.sleep(settle)
+    before = client.frames_received
+    await trio.sleep(quiet)
+    assert client.frames_received == before, "frames kept arriving"
+
+
+async def close_reason(sig: Signaling) -> trio_websocket.CloseReason:
+    """Read messages until the server ends the WebSocket; return how it ended."""
+
+    async def receive_forever() -> None:
+        while True:
+            await sig.receive()
+
+    with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        await receive_forever()
+    assert closed.value.reason is not None
+    return closed.value.reason
+
+
+# --------------------------------------------------------------------------------------------
+# Signaling
+
+
+async def test_signaling_basics(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig:
+            await sig.send({"type": "set_user_id", "user_id": "alice"})
+            assert await sig.receive() == {"type": "user_id_set", "user_id": "alice"}
+            reply = await sig.request("get_ice_servers")
+            assert reply["type"] == "ice_servers"
+            assert reply["data"] == {"iceServers": []}
+            assert reply["status"] == 200
+            assert (await sig.request("ping"))["type"] == "pong"
+            reply = await sig.request("no_such_type")
+            assert reply["type"] == "error"
+            assert "no_such_type" in reply["error"]
+            # Garbage never ends the connection: each gets an error, then business as usual.
+            for raw in ("{not json", "[1, 2]", '"text"'):
+                await sig.ws.send_message(raw)
+                reply = await sig.receive()
+                assert reply["type"] == "error"
+                assert "request_id" not in reply
+            await sig.ws.send_message(b"\x00binary")
+            assert (await sig.receive())["type"] == "error"
+            assert (await sig.request("ping"))["type"] == "pong"
+            current = await state(url)
+            assert current["ws_connections"] == 1
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+async def test_api_key_rejected_with_4003(aio_loop: object, key: str | None) -> None:
+    async with running_devcloud(api_key="sekrit") as base_url:
+        with trio.fail_after(DEADLINE):
+            async with open_signaling(base_url, key, expect_ready=False) as sig:
+                error = await sig.receive()
+                assert error["type"] == "error"
+                assert error["code"] == "ACCESS_DENIED"
+                assert "sekrit" not in json.dumps(error)
+                assert (await close_reason(sig)).code == 4003
+            async with open_signaling(base_url, "sekrit") as sig:
+                assert (await sig.request("ping"))["type"] == "pong"
+
+
+async def test_denied_user_and_require_user_id(aio_loop: object) -> None:
+    async with running_devcloud(
+        require_user_id=True, denied_user_ids=frozenset({"mallory"})
+    ) as base_url:
+        with trio.fail_after(DEADLINE):
+            async with open_signaling(base_url) as sig:
+                # Like the real runner: nothing is answered before set_user_id.
+                await sig.send({"type": "ping", "request_id": "early"})
+                with trio.move_on_after(0.5) as quiet:
+                    await sig.receive()
+                assert quiet.cancelled_caught
+                await sig.send({"type": "set_user_id", "user_id": "alice"})
+                assert (await sig.receive())["type"] == "user_id_set"
+                assert (await sig.request("ping"))["type"] == "pong"
+            async with open_signaling(base_url) as sig:
+                await sig.send({"type": "set_user_id", "user_id": "mallory"})
+                error = await sig.receive()
+                assert (error["type"], error["code"]) == ("error", "ACCESS_DENIED")
+                assert (await close_reason(sig)).code == 4003
+
+
+async def test_pipeline_api(aio_loop: object) -> None:
+    async with running_devcloud(load_seconds=0.3) as base_url:
+        with trio.fail_after(DEADLINE):
+            async with open_signaling(base_url) as sig:
+
+                async def api(method: str, path: str, body: object = None) -> dict:
+                    return await sig.request("api", method=method, path=path, body=body)
+
+                reply = await api("GET", "/api/v1/pipeline/status")
+                assert reply["type"] == "api_response"
+                assert reply["status"] == 200
+                assert reply["data"]["status"] == "loaded"
+                assert reply["data"]["pipeline_id"] == "passthrough"
+                body = {"pipeline_ids": ["invert"], "load_params": {"height": 512}}
+                reply = await api("POST", "/api/v1/pipeline/load", body)
+                assert reply["status"] == 200
+                status = (await api("GET", "/api/v1/pipeline/status"))["data"]
+                assert status == {
+                    "status": "loading",
+                    "pipeline_id": "invert",
+                    "load_params": {"height": 512},
+                }
+                while status["status"] == "loading":
+                    await trio.sleep(0.05)
+                    status = (await api("GET", "/api/v1/pipeline/status"))["data"]
+                assert status["status"] == "loaded"
+                assert (await state(base_url))["pipeline"] == "invert"
+
+                reply = await api("POST", "/api/v1/pipeline/load", {"pipeline_ids": ["nope"]})
+                assert reply["status"] == 400
+                assert "nope" in reply["error"]
+                assert (await api("POST", "/api/v1/pipeline/load", {}))["status"] == 422
+                assert (await api("POST", "/api/v1/pipeline/load", None))["status"] == 422
+                assert (await api("DELETE", "/api/v1/pipeline/load"))["status"] == 405
+                assert (await api("GET", "/api/v1/elsewhere"))["status"] == 404
+                assert (await sig.request("api", path=7))["status"] == 404
+
+
+async def test_offer_errors_keep_connection(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig:
+            reply = await sig.request("offer", sdp="garbage", sdp_type="offer")
+            assert reply["type"] == "error"
+            assert "SDP" in reply["error"]
+            reply = await sig.request(
+                "icecandidate", sessionId="nope", candidate={"candidate": "x"}
+            )
+            assert reply["type"] == "error"
+            assert (await sig.request("ping"))["type"] == "pong"
+    assert (await state(url))["peer_connections"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Media
+
+
+async def test_media_invert_passthrough_and_parameters(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await start_media(sig, nursery, {"prompts": [{"text": "a", "weight": 1}]})
+            try:
+                left, right = await straight_frame(client)
+                print(f"passthrough: left {left:.0f} right {right:.0f}")
+                reply = await sig.request(
+                    "api",
+                    method="POST",
+                    path="/api/v1/pipeline/load",
+                    body={"pipeline_ids": ["invert"]},
+                )
+                assert reply["status"] == 200
+                left, right = await inverted_frame(client)
+                print(f"invert: left {left:.0f} right {right:.0f}")
+
+                await _wait_open(client)
+                client.parameters.send(json.dumps({"noise_scale": 0.5}))
+                client.parameters.send("not json")  # logged and ignored
+                client.parameters.send(json.dumps({"prompts": [{"text": "b", "weight": 1}]}))
+                current = await wait_for_state(url, lambda s: s["parameter_updates"] == 2)
+                assert current["last_parameters"] == {"prompts": [{"text": "b", "weight": 1}]}
+                assert current["initial_parameters"] == {"prompts": [{"text": "a", "weight": 1}]}
+                assert current["peer_connections"] == 1
+                assert current["offers"] == 1
+                assert current["frames_in"] > 0
+                assert current["frames_out"] > 0
+                (session,) = current["sessions"]
+                assert session["id"] == client.session_id
+                assert session["parameters"] == {
+                    "prompts": [{"text": "b", "weight": 1}],
+                    "noise_scale": 0.5,
+                }
+            finally:
+                await rtc.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+        # The client closed: the devcloud notices and forgets the session.
+        await wait_for_state(url, lambda s: s["peer_connections"] == 0)
+
+
+async def _wait_open(client: MediaClient) -> None:
+    if client.parameters.readyState != "open":
+        opened = trio.Event()
+        client.parameters.on("open", opened.set)
+        if client.parameters.readyState != "open":
+            await opened.wait()
+
+
+async def test_trickled_candidates(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await start_media(sig, nursery)
+            try:
+                local = client.pc.localDescription
+                assert local is not None
+                line = next(x for x in local.sdp.splitlines() if x.startswith("a=candidate:"))
+                candidate = {"candidate": line[2:], "sdpMid": "0", "sdpMLineIndex": 0}
+                reply = await sig.request(
+                    "icecandidate", sessionId=client.session_id, candidate=candidate
+                )
+                assert (reply["type"], reply["status"]) == ("icecandidate_ack", "ok")
+                reply = await sig.request(
+                    "icecandidate", sessionId=client.session_id, candidate=None
+                )
+                assert (reply["type"], reply["status"]) == ("icecandidate_ack", "end_of_candidates")
+                reply = await sig.request(
+                    "icecandidate",
+                    sessionId=client.session_id,
+                    candidate={"candidate": "candidate:garbage", "sdpMid": "0"},
+                )
+                assert reply["type"] == "error"
+                assert "ICE candidate" in reply["error"]
+            finally:
+                await rtc.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+def test_invert_frame_is_exact() -> None:
+    frame = devcloud.invert_frame(rgb_frame(16, 8, 10, 200))
+    assert frame.format.name == "rgb24"
+    assert (frame.width, frame.height) == (16, 8)
+    row = bytes(frame.planes[0])[: 3 * 16]
+    assert row == bytes([245]) * 24 + bytes([55]) * 24
+
+
+# --------------------------------------------------------------------------------------------
+# Faults
+
+
+async def _connected(url: str, sig: Signaling, nursery: trio.Nursery) -> MediaClient:
+    client = await start_media(sig, nursery)
+    await straight_frame(client)
+    return client
+
+
+async def test_fault_close_pc(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await _connected(url, sig, nursery)
+            result = await fault(url, "close_pc")
+            assert result == {"ok": True, "action": "close_pc", "affected": 1}
+            assert await client.events.wait_state("closed") == "closed"
+            await wait_for_state(url, lambda s: s["peer_connections"] == 0)
+            # The signaling connection survives and can negotiate again.
+            assert (await sig.request("ping"))["type"] == "pong"
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_blackhole_existing_detected_by_consent(url: str, fast_consent: object) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await _connected(url, sig, nursery)
+            started = time.monotonic()
+            result = await fault(url, "blackhole", seconds=30, scope="existing")
+            assert result["affected"] == 1
+            await trio.sleep(0.5)  # frames already in flight
+            before = client.frames_received
+            assert await client.events.wait_state("closed") == "closed"
+            detected = time.monotonic() - started
+            print(f"blackhole detected by the client after {detected:.2f} s")
+            assert client.frames_received == before
+            assert detected < 5  # ~1.5 s with fast consent; loose for a loaded machine
+            # No BYE reached the client, yet the devcloud side notices too.
+            await wait_for_state(url, lambda s: s["peer_connections"] == 0)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_short_blackhole_then_media_resumes(url: str) -> None:
+    """With default consent a 1.5 s outage is survivable: frames stop, then resume."""
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await _connected(url, sig, nursery)
+            await fault(url, "blackhole", seconds=1.5)
+            await frames_stop(client, settle=0.3, quiet=0.8)
+            assert client.pc.connectionState == "connected"
+            client.drain()
+            await straight_frame(client)  # the path is back
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_blackhole_all_blocks_new_connections(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            assert (await fault(url, "blackhole", seconds=60, scope="all"))["affected"] == 0
+            with trio.move_on_after(2) as blocked:
+                await start_media(sig, nursery)
+            assert blocked.cancelled_caught
+            assert (await state(url))["faults"]["blackhole_all_seconds"] > 50
+            await fault(url, "clear")
+            # start_media closed its peer connection when cancelled; a new one connects.
+            client = await _connected(url, sig, nursery)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_close_ws_code_and_reason(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await _connected(url, sig, nursery)
+            result = await fault(url, "close_ws", code=4321, reason="go away")
+            assert result["affected"] == 1
+            reason = await close_reason(sig)
+            assert (reason.code, reason.reason) == (4321, "go away")
+            # The connection's peer connections go with it.
+            assert await client.events.wait_state("closed") == "closed"
+            await wait_for_state(url, lambda s: s["ws_connections"] == 0)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_drop_ws_without_close_frame(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig:
+            assert (await fault(url, "drop_ws"))["affected"] == 1
+            reason = await close_reason(sig)
+            assert reason.code == 1006  # abnormal closure: no close frame
+        await wait_for_state(url, lambda s: s["ws_connections"] == 0)
+
+
+async def test_fault_refuse_offers(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            assert (await fault(url, "refuse_offers", count=1))["affected"] == 1
+            pc = rtc.new_peer_connection([])
+            pc.addTransceiver("video")
+            try:
+                offer = await rtc.create_offer(pc)
+                reply = await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
+            finally:
+                await rtc.close_peer_connection(pc)
+            assert reply["type"] == "error"
+            assert reply["request_id"]
+            client = await _connected(url, sig, nursery)  # only one was refused
+            assert (await state(url))["offers"] == 2
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_stall_offers(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            await fault(url, "stall_offers", count=1)
+            pc = rtc.new_peer_connection([])
+            pc.addTransceiver("video")
+            try:
+                offer = await rtc.create_offer(pc)
+                with trio.move_on_after(1.5) as stalled:
+                    await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
+                assert stalled.cancelled_caught
+            finally:
+                await rtc.close_peer_connection(pc)
+            assert (await state(url))["offers"] == 1
+            client = await _connected(url, sig, nursery)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_stall_media(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await _connected(url, sig, nursery)
+            await fault(url, "stall_media", seconds=2.5)
+            frames_in = (await state(url))["frames_in"]
+            await frames_stop(client, settle=0.3, quiet=1.0)
+            assert client.pc.connectionState == "connected"
+            assert (await state(url))["frames_in"] > frames_in  # input still arrives
+            client.drain()
+            await straight_frame(client)  # output resumes after the stall
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_fault_clear(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            await fault(url, "refuse_offers", count=5)
+            await fault(url, "stall_media", seconds=60)
+            assert (await fault(url, "clear"))["action"] == "clear"
+            faults = (await state(url))["faults"]
+            assert faults["refuse_offers"] == 0
+            assert faults["stall_media_seconds"] == 0
+            client = await _connected(url, sig, nursery)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"action": "explode"},
+        {"action": "blackhole"},
+        {"action": "blackhole", "seconds": 1, "scope": "some"},
+        {"action": "close_ws", "code": 5},
+        {"action": "stall_media", "seconds": -1},
+        {"action": "refuse_offers", "count": "x"},
+        [1],
+    ],
+)
+async def test_bad_fault_requests(url: str, body: object) -> None:
+    response = await control(url, "POST", "/control/faults", body)
+    assert response.status_code == 400
+    assert response.json()["detail"]
+
+
+# --------------------------------------------------------------------------------------------
+# Lifecycle
+
+
+async def test_stopping_the_server_closes_peer_connections(aio_loop: object) -> None:
+    server_scope = trio.CancelScope()
+
+    async def serve(task_status: trio.TaskStatus[str]) -> None:
+        with server_scope:
+            await devcloud.serve_devcloud(task_status=task_status)
+
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            base_url = await nursery.start(serve)
+            async with open_signaling(base_url) as sig:
+                client = await _connected(base_url, sig, nursery)
+                server_scope.cancel()
+                # Server gone: the client's peer connection closes, signaling ends.
+                assert await client.events.wait_state("closed") == "closed"
+                await close_reason(sig)
+            await rtc.close_peer_connection(client.pc)
+            nursery.cancel_scope.cancel()
+
+
+async def test_graceful_shutdown_sends_going_away(aio_loop: object) -> None:
+    stop = trio.Event()
+    with trio.fail_after(DEADLINE):
+        async with trio.open_nursery() as nursery:
+            config = devcloud.DevCloudConfig()
+            base_url = await nursery.start(
+                lambda task_status: devcloud.serve_devcloud(
+                    config, shutdown_trigger=stop.wait, task_status=task_status
+                )
+            )
+            async with open_signaling(base_url) as sig:
+                stop.set()
+                reason = await close_reason(sig)
+                assert reason.code == 1001
+        # serve_devcloud returned by itself: the nursery was not cancelled.
+
+
+async def test_standalone_loop() -> None:
+    """No caller loop (no aio_loop fixture): the devcloud opens its own; a client loop opened
+    afterwards (a sibling, not a parent) talks to it over real UDP."""
+    with trio.fail_after(DEADLINE):
+        async with running_devcloud(pipeline="invert") as base_url:
+            response = await control(base_url, "GET", "/health")
+            assert response.json() == {"status": "healthy", "pipeline": "invert"}
+            async with (
+                rtc.open_loop(),
+                open_signaling(base_url) as sig,
+                trio.open_nursery() as nursery,
+            ):
+                client = await start_media(sig, nursery)
+                await inverted_frame(client)
+                await rtc.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
