@@ -292,6 +292,11 @@ class SessionSupervisor:
         return self._state
 
     @property
+    def session(self) -> MediaSession | None:
+        """The connected session, or None (e.g. for a debug action on the live session)."""
+        return self._session
+
+    @property
     def last_parameters(self) -> Parameters:
         """A deep copy of what a rebuilt session would start with (one-shots excluded)."""
         return copy.deepcopy(self._params)
@@ -511,6 +516,8 @@ class SessionSupervisor:
                 try:
                     reason = await self._session_lifetime(run, on_connected=report_connected)
                 except _AttemptFailedError as exc:
+                    if run.ticket != self._ticket:
+                        raise _StartSupersededError from None  # not ours to report any more
                     self._set(
                         run, phase=Phase.FAILED, webrtc_error=start_failed_message(exc.reason)
                     )

@@ -783,3 +783,24 @@ async def test_cancelled_resume_stays_link_down(autojump_clock: MockClock) -> No
         await supervisor.resume()
         assert supervisor.status.webrtc_connected
         assert cloud.sessions[-1].initial == {"a": 1}
+
+
+async def test_failed_start_superseded_while_closing_raises_aborted(
+    autojump_clock: MockClock,
+) -> None:
+    """Found by benchmarks/race.py (seed 191): the failure was reported to a stale caller."""
+    cloud = FakeCloud(default=Plan(fail="offer refused"), close_delay=0.3)
+    outcome: list[BaseException] = []
+    async with supervised(cloud) as supervisor:
+
+        async def start() -> None:
+            try:
+                await supervisor.start({})
+            except (StartFailedError, StartAbortedError) as exc:
+                outcome.append(exc)
+
+        supervisor._nursery.start_soon(start)
+        await trio.testing.wait_all_tasks_blocked()  # the connect failed; its session is closing
+        await supervisor.stop()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], StartAbortedError)

@@ -1,0 +1,473 @@
+"""The cloud connection: one signaling link, one media supervisor, one truthful status.
+
+Imports flow one way: the HTTP layer → :class:`CloudManager` → :class:`SessionSupervisor` →
+:class:`CloudMediaSession` → :mod:`scope_trio.rtc`; the manager also owns the signaling link
+(:func:`scope_trio.cloud_link.connect_cloud_link`). Nothing here imports the HTTP layer.
+
+Supervision::
+
+    owner's nursery
+    ├── CloudManager._maintain_link        cancel scope: cancelled by disconnect()/connect()
+    │   └── connect_cloud_link (block)      receive loop + heartbeat in the link's nursery
+    │       └── after a re-link: replay the last pipeline load, then resume the media session
+    ├── CloudManager._forward_media_changes
+    └── SessionSupervisor runs               (see scope_trio.supervisor)
+
+Beyond Scope: when an established link drops without us asking, it is re-established
+(``LinkPolicy``), the last pipeline load is replayed and the media session resumes with its
+last parameters; meanwhile ``connecting`` is true. An intentional disconnect never
+reconnects, and neither does a close the cloud meant as final (``ACCESS_DENIED``,
+``MAX_DURATION_EXCEEDED``, close code 4003).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import trio
+from av import VideoFrame
+
+from scope_trio.cloud_link import (
+    CloudConnectError,
+    CloudLink,
+    CloudLinkError,
+    LinkConfig,
+    connect_cloud_link,
+)
+from scope_trio.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.session import MediaSession, SessionClosedError
+from scope_trio.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
+
+logger = logging.getLogger(__name__)
+
+PIPELINE_LOAD_PATH = "/api/v1/pipeline/load"
+FINAL_ERROR_CODES = frozenset({"ACCESS_DENIED", "MAX_DURATION_EXCEEDED"})
+CLOSE_ACCESS_DENIED = 4003
+STAGE_RECONNECTING = "Reconnecting to cloud..."
+
+
+class NotConnectedError(Exception):
+    """The operation needs an established cloud link."""
+
+
+@dataclass(frozen=True)
+class CloudSettings:
+    """Where the cloud is (CONTRACT section 3). ``api_key`` is never shown."""
+
+    app_id: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    ws_url: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> CloudSettings:
+        return cls(
+            app_id=environ.get("SCOPE_CLOUD_APP_ID") or None,
+            api_key=environ.get("SCOPE_CLOUD_API_KEY") or None,
+            ws_url=environ.get("SCOPE_CLOUD_WS_URL") or None,
+        )
+
+    @property
+    def credentials_configured(self) -> bool:
+        return bool(self.app_id or self.ws_url)
+
+
+@dataclass(frozen=True)
+class LinkPolicy:
+    """How an established link that dropped is re-established.
+
+    Each re-link runs the link's own connect retries (3 attempts with backoff). At most
+    ``max_relinks`` re-links in ``window`` seconds, so a flapping cloud ends in an error.
+    """
+
+    max_relinks: int = 3
+    window: float = 60.0
+    delay: float = 1.0
+    """Pause before the first connect of a re-link."""
+
+
+@dataclass(frozen=True)
+class LinkState:
+    """The link half of the status: an immutable snapshot, replaced whole on every change."""
+
+    connected: bool = False
+    connecting: bool = False
+    error: str | None = None
+    connect_stage: str | None = None
+    app_id: str | None = None
+    connection_id: str | None = None
+    last_close_code: int | None = None
+    last_close_reason: str | None = None
+
+
+class _NoLinkSession:
+    """What the supervisor gets when it asks for a session while the link is down."""
+
+    async def run(
+        self,
+        params: Mapping[str, Any],
+        on_lost: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> str:
+        await trio.lowlevel.checkpoint()
+        raise NotConnectedError("the cloud link is down")
+
+    def send_parameters(self, update: Mapping[str, Any]) -> None:
+        raise SessionClosedError("the cloud link is down")
+
+
+class CloudManager:
+    """Owns the cloud link and the media supervisor, and derives CloudStatus from both.
+
+    Construct it with a nursery that outlives it (the server's). Call from trio tasks of
+    that run only.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        settings: CloudSettings | None = None,
+        *,
+        policy: ReconnectPolicy | None = None,
+        link_policy: LinkPolicy | None = None,
+        media_config: MediaConfig | None = None,
+        link_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._nursery = nursery
+        self.settings = settings or CloudSettings()
+        self.link_policy = link_policy or LinkPolicy()
+        self._media_config = media_config or MediaConfig()
+        self._link_options = dict(link_options or {})
+        self.supervisor = SessionSupervisor(nursery, self._new_session, policy)
+        self.media_stats = MediaStats()
+        self._link: CloudLink | None = None
+        self._link_scope: trio.CancelScope | None = None
+        self._link_done: trio.Event | None = None
+        self._user_id: str | None = None
+        self._last_load: dict[str, Any] | None = None
+        self._video_input = VideoInput()
+        self._on_frame: Callable[[VideoFrame], object] | None = None
+        self._state = LinkState()
+        self._version = 0
+        self._changed = trio.Event()
+        self._lock = trio.Lock()  # serialises connect/disconnect
+        nursery.start_soon(self._forward_media_changes)
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def version(self) -> int:
+        """Increases with every change of :meth:`status`."""
+        return self._version
+
+    async def wait_change(self, seen: int) -> int:
+        """Return once :attr:`version` is past ``seen``; returns the new version."""
+        while self._version == seen:
+            await self._changed.wait()
+        return self._version
+
+    @property
+    def link(self) -> CloudLink | None:
+        return self._link
+
+    def status(self) -> dict[str, Any]:
+        """CloudStatus (CONTRACT section 1), from the two snapshots that own the state."""
+        link, media = self._state, self.supervisor.status
+        return {
+            "connected": link.connected,
+            "connecting": link.connecting,
+            "error": link.error or media.webrtc_error,
+            "connect_stage": link.connect_stage,
+            "webrtc_connected": media.webrtc_connected,
+            "webrtc_error": media.webrtc_error,
+            "webrtc_reconnecting": media.webrtc_reconnecting,
+            "app_id": link.app_id if link.connected else None,
+            "connection_id": link.connection_id if link.connected else None,
+            "credentials_configured": self.settings.credentials_configured,
+            "last_close_code": link.last_close_code,
+            "last_close_reason": link.last_close_reason,
+            "stats": self._stats() if link.connected else None,
+        }
+
+    def _stats(self) -> dict[str, Any] | None:
+        cloud = self._link
+        if cloud is None:
+            return None
+        sent, ok = cloud.stats.sent, cloud.stats.successful
+        return {
+            "uptime_seconds": round(cloud.uptime, 3),
+            "webrtc_offers_sent": self.media_stats.offers_sent,
+            "webrtc_offers_successful": self.media_stats.offers_successful,
+            "webrtc_ice_candidates_sent": sent["icecandidate"],
+            "api_requests_sent": sent["api"],
+            "api_requests_successful": ok["api"],
+            "frames_sent_to_cloud": self.media_stats.frames_sent_to_cloud,
+            "frames_received_from_cloud": self.media_stats.frames_received_from_cloud,
+        }
+
+    def _set(self, **changes: Any) -> None:
+        self._state = replace(self._state, **changes)
+        self._touch()
+
+    def _touch(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _forward_media_changes(self) -> None:
+        async with self.supervisor.watch() as changes:
+            async for _ in changes:
+                self._touch()
+
+    # ------------------------------------------------------------------ link
+
+    async def connect(
+        self, *, app_id: str | None = None, api_key: str | None = None, user_id: str | None = None
+    ) -> dict[str, Any]:
+        """Start connecting in the background and return the status at once (connecting).
+
+        Raises ``ValueError`` when neither an app id nor a signaling URL is configured.
+        A link that is up or connecting is replaced.
+        """
+        config = LinkConfig(
+            app_id=app_id or self.settings.app_id,
+            api_key=api_key or self.settings.api_key,
+            ws_url=self.settings.ws_url,
+            user_id=user_id,
+            **self._link_options,
+        )
+        async with self._lock:
+            await self._teardown()
+            self._user_id = user_id
+            scope, done = trio.CancelScope(), trio.Event()
+            self._link_scope, self._link_done = scope, done
+            self._set(
+                connected=False,
+                connecting=True,
+                error=None,
+                connect_stage="Connecting to cloud...",
+                app_id=config.app_id,
+            )
+            self._nursery.start_soon(self._maintain_link, config, scope, done)
+        return self.status()
+
+    async def disconnect(self) -> dict[str, Any]:
+        """Tear everything down and return the status; returns only when all is closed."""
+        async with self._lock:
+            await self._teardown()
+        return self.status()
+
+    async def _teardown(self) -> None:
+        await self.supervisor.stop()
+        scope, done = self._link_scope, self._link_done
+        if scope is not None and done is not None:
+            scope.cancel()
+            with trio.move_on_after(10, shield=True):
+                await done.wait()
+        self._link_scope = self._link_done = None
+        self._link = None
+        self._last_load = None
+        self._set(
+            connected=False,
+            connecting=False,
+            error=None,
+            connect_stage=None,
+            app_id=None,
+            connection_id=None,
+        )
+
+    async def _maintain_link(
+        self, config: LinkConfig, scope: trio.CancelScope, done: trio.Event
+    ) -> None:
+        relinks: deque[float] = deque()
+        established = False
+        try:
+            with scope:
+                while True:
+                    try:
+                        link = await self._hold_link(config, scope, relink=established)
+                    except CloudConnectError as exc:
+                        self._link_failed(scope, exc, established)
+                        return
+                    established = True
+                    if not await self._link_ended(scope, link, relinks):
+                        return
+                    await trio.sleep(self.link_policy.delay)
+        finally:
+            if self._link_scope is scope:
+                self._link = None
+            done.set()
+
+    async def _hold_link(
+        self, config: LinkConfig, scope: trio.CancelScope, *, relink: bool
+    ) -> CloudLink:
+        """Establish the link and keep it until it ends by itself; return it (closed)."""
+        async with connect_cloud_link(
+            config, on_stage=functools.partial(self._stage, scope)
+        ) as link:
+            if self._link_scope is not scope:  # pragma: no cover - replaced meanwhile
+                return link
+            self._link = link
+            self._set(
+                connected=True,
+                connecting=False,
+                error=None,
+                connect_stage=None,
+                connection_id=link.connection_id,
+            )
+            logger.info("cloud link up (connection_id=%s)", link.connection_id)
+            async with trio.open_nursery() as tasks:
+                if relink:
+                    tasks.start_soon(self._resume_after_relink, link)
+                await link.wait_closed()
+                tasks.cancel_scope.cancel()
+        return link
+
+    def _link_failed(self, scope: trio.CancelScope, exc: CloudConnectError, relink: bool) -> None:
+        if self._link_scope is not scope:
+            return
+        message = str(exc)
+        if relink:
+            message = f"Cloud connection lost and could not be re-established: {exc}"
+        logger.error("%s", message)
+        self._link = None
+        self._set(connected=False, connecting=False, connect_stage=None, error=message)
+
+    async def _link_ended(
+        self, scope: trio.CancelScope, link: CloudLink, relinks: deque[float]
+    ) -> bool:
+        """Record an unasked-for end of the link; return whether to re-establish it.
+
+        The decision is made first and shown in one status change, so no reader ever sees
+        "not connected, not connecting, no error" in between.
+        """
+        if self._link_scope is not scope:
+            return False
+        code, reason = link.close_code, link.close_reason or "closed"
+        logger.warning("cloud link ended: code %s, %s", code, reason)
+        now = trio.current_time()
+        while relinks and now - relinks[0] > self.link_policy.window:
+            relinks.popleft()
+        error: str | None = None
+        if link.error_code in FINAL_ERROR_CODES or code == CLOSE_ACCESS_DENIED:
+            error = f"Cloud connection closed: {reason}"
+        elif len(relinks) >= self.link_policy.max_relinks:
+            error = (
+                f"Cloud connection lost ({reason}); gave up after "
+                f"{self.link_policy.max_relinks} reconnects within {self.link_policy.window:g} s"
+            )
+        else:
+            relinks.append(now)
+        self._link = None
+        self._set(
+            connected=False,
+            connecting=error is None,
+            connect_stage=STAGE_RECONNECTING if error is None else None,
+            error=error,
+            connection_id=None,
+            last_close_code=code,
+            last_close_reason=reason,
+        )
+        await self.supervisor.link_lost(f"code {code}: {reason}")
+        return error is None
+
+    async def _resume_after_relink(self, link: CloudLink) -> None:
+        """Replay the last pipeline load, then bring the media session back."""
+        if self._last_load is not None:
+            try:
+                await link.request(
+                    "api", {"method": "POST", "path": PIPELINE_LOAD_PATH, "body": self._last_load}
+                )
+            except CloudLinkError as exc:
+                logger.warning("replaying the pipeline load failed: %s", exc)
+        with contextlib.suppress(SupervisorError):
+            await self.supervisor.resume()
+
+    def _stage(self, scope: trio.CancelScope, stage: str) -> None:
+        if self._link_scope is scope and not self._state.connected:
+            self._set(connect_stage=stage)
+
+    # ----------------------------------------------------------------- media
+
+    def _new_session(self) -> MediaSession:
+        link = self._link
+        if link is None:
+            return _NoLinkSession()
+        return CloudMediaSession(
+            link,
+            video_input=self._video_input,
+            on_frame=self._deliver,
+            config=self._media_config,
+            stats=self.media_stats,
+            user_id=self._user_id,
+        )
+
+    def _deliver(self, frame: VideoFrame) -> None:
+        if self._on_frame is not None:
+            self._on_frame(frame)
+
+    async def start_media(
+        self,
+        params: Mapping[str, Any],
+        *,
+        video_input: VideoInput | None = None,
+        on_frame: Callable[[VideoFrame], object] | None = None,
+    ) -> None:
+        """Start (or replace) the cloud media session; returns once it is connected.
+
+        ``video_input`` feeds the cloud; ``on_frame`` receives its processed frames, across
+        every reconnect. Raises :class:`NotConnectedError` without a link, and the
+        supervisor's errors otherwise.
+        """
+        if self._link is None:
+            raise NotConnectedError("not connected to the cloud")
+        self._video_input = video_input or VideoInput()
+        self._on_frame = on_frame
+        await self.supervisor.start(params)
+
+    async def stop_media(self) -> None:
+        await self.supervisor.stop()
+        self._on_frame = None
+
+    def simulate_media_loss(self) -> None:
+        """Debug: force-close the cloud peer connection; recovery takes the real-loss path.
+
+        Raises :class:`NotConnectedError` when no cloud media session is connected.
+        """
+        session = self.supervisor.session
+        if (
+            not isinstance(session, CloudMediaSession)
+            or not self.supervisor.status.webrtc_connected
+        ):
+            raise NotConnectedError("WebRTC not connected")
+        session.simulate_loss()
+
+    def update_parameters(self, update: Mapping[str, Any]) -> None:
+        self.supervisor.update_parameters(update)
+
+    async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Proxy one HTTP-style request to the cloud; returns ``(status, data)``.
+
+        Raises :class:`NotConnectedError` without a link and :class:`CloudLinkError` when
+        the request itself fails.
+        """
+        link = self._link
+        if link is None:
+            raise NotConnectedError("not connected to the cloud")
+        fields: dict[str, Any] = {"method": method, "path": path}
+        if body is not None:
+            fields["body"] = body
+        reply = await link.request("api", fields)
+        status = reply.get("status", 200)
+        status = status if isinstance(status, int) else 502
+        data = reply.get("data") if "data" in reply else reply.get("error")
+        if method.upper() == "POST" and path == PIPELINE_LOAD_PATH and status < 400:
+            self._last_load = body if isinstance(body, dict) else None
+        return status, data

@@ -1,0 +1,337 @@
+"""The real cloud media session: one aiortc peer connection to the cloud, run from trio.
+
+:class:`CloudMediaSession` implements :class:`scope_trio.session.MediaSession`, so the
+reconnect supervisor drives it exactly as it drives the fake. Per session:
+
+1. ``get_ice_servers`` over the signaling link; a new peer connection with exactly those;
+2. an outgoing video track fed from :class:`VideoInput` (newest frame wins, black after 1 s
+   without input), the ordered data channel ``parameters``, and an offer carrying
+   ``initialParameters``; the cloud's answer applied;
+3. ``connected`` and the data channel open awaited (the supervisor's attempt deadline bounds
+   the whole connect); a keyframe requested on the inbound video;
+4. inbound frames handed to ``on_frame`` until the session is lost.
+
+Loss signals, each ending the session once with a reason: the peer connection going
+``closed``/``failed`` without us closing it (aiortc reports a lost path as ``closed``; with
+:func:`scope_trio.rtc.tune_ice_consent` a silent path is seen within ~1.5 s), the inbound
+track ending, or no inbound frame for ``stall_timeout`` seconds. The peer connection is
+closed exactly once, shielded and under its own deadline, on every way out.
+
+Must run inside an open trio-asyncio loop (:func:`scope_trio.rtc.open_loop`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+from av import VideoFrame
+
+from scope_trio import rtc
+from scope_trio.session import SessionClosedError
+
+logger = logging.getLogger(__name__)
+
+PARAMETERS_CHANNEL = "parameters"
+
+
+class Signaling(Protocol):
+    """The part of :class:`scope_trio.cloud_link.CloudLink` a media session needs."""
+
+    async def request(
+        self,
+        msg_type: str,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors CloudLink.request
+    ) -> dict[str, Any]: ...
+
+
+class CloudAnswerError(Exception):
+    """The cloud's reply to our offer could not be used."""
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """Per-session media settings."""
+
+    fps: float = 30.0
+    """Rate at which frames are sent to the cloud."""
+    idle_black_after: float = 1.0
+    """Without input for this long, black frames are sent (as Scope did)."""
+    stall_timeout: float = 2.0
+    """No inbound frame for this long (after the first) is a loss."""
+    first_frame_timeout: float = 10.0
+    """No inbound frame at all for this long after connecting is a loss."""
+    close_timeout: float = 5.0
+    """Bound on closing the peer connection (shielded)."""
+    request_timeout: float = 10.0
+    """Deadline of each signaling request a session makes."""
+
+
+@dataclass
+class MediaStats:
+    """Counters shared by every session of one owner (the relay or the server)."""
+
+    offers_sent: int = 0
+    offers_successful: int = 0
+    frames_sent_to_cloud: int = 0
+    frames_received_from_cloud: int = 0
+    sessions: dict[str, str] = field(default_factory=dict)
+    """Cloud session id → last connection state."""
+
+
+class VideoInput:
+    """Frames from the local producer (the browser, a test) to whichever session is live.
+
+    Outlives sessions: a reconnect attaches the new session's track to the same input, so
+    the producer never notices the cloud side was rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self._sink: rtc.TrioVideoSource | None = None
+        self.frames_pushed = 0
+
+    def push(self, frame: VideoFrame) -> None:
+        """Offer a frame to the live session (dropped when there is none)."""
+        self.frames_pushed += 1
+        if self._sink is not None:
+            self._sink.push(frame)
+
+    def _attach(self, sink: rtc.TrioVideoSource) -> None:
+        self._sink = sink
+
+    def _detach(self, sink: rtc.TrioVideoSource) -> None:
+        if self._sink is sink:
+            self._sink = None
+
+
+class CloudMediaSession:
+    """One cloud media session (see the module docstring). Use once; make a new one per try."""
+
+    def __init__(
+        self,
+        signaling: Signaling,
+        *,
+        video_input: VideoInput | None = None,
+        on_frame: Callable[[VideoFrame], object] | None = None,
+        config: MediaConfig | None = None,
+        stats: MediaStats | None = None,
+        user_id: str | None = None,
+    ) -> None:
+        self._signaling = signaling
+        self._input = video_input or VideoInput()
+        self._on_frame = on_frame
+        self._config = config or MediaConfig()
+        self.stats = stats or MediaStats()
+        self._user_id = user_id
+        self._channel: rtc.RTCDataChannel | None = None
+        self._pc: rtc.RTCPeerConnection | None = None
+        self._pc_close_requested = trio.Event()
+        self._simulated = False
+        self._open = False
+        self.session_id: str | None = None
+
+    def simulate_loss(self) -> None:
+        """Close the peer connection as a dead path would (debug route), not as a stop.
+
+        The loss then takes the real path: the state watcher sees ``closed`` and reports it.
+        """
+        if self._pc is not None and self._open:
+            self._simulated = True
+            self._pc_close_requested.set()
+
+    # ------------------------------------------------------------------ protocol
+
+    def send_parameters(self, update: Mapping[str, Any]) -> None:
+        channel = self._channel
+        if not self._open or channel is None or channel.readyState != "open":
+            raise SessionClosedError("the cloud media session is not connected")
+        try:
+            channel.send(json.dumps(dict(update)))
+        except rtc.InvalidStateError as exc:  # closing under us, between check and send
+            raise SessionClosedError("the parameters channel closed") from exc
+
+    async def run(
+        self,
+        params: Mapping[str, Any],
+        on_lost: Callable[[str], None],
+        *,
+        task_status: trio.TaskStatus[None],
+    ) -> str:
+        ice = await self._signaling.request("get_ice_servers", timeout=self._config.request_timeout)
+        pc = rtc.new_peer_connection(_ice_servers(ice))
+        source = rtc.TrioVideoSource(
+            fps=self._config.fps, idle_timeout=self._config.idle_black_after
+        )
+        try:
+            return await self._run_with(pc, source, params, on_lost, task_status)
+        finally:
+            self._open = False
+            self._input._detach(source)
+            source.stop()
+            self.stats.frames_sent_to_cloud += source.frames_sent
+            await rtc.close_peer_connection(pc, self._config.close_timeout)
+            if self.session_id is not None:
+                self.stats.sessions[self.session_id] = "closed"
+
+    async def _run_with(
+        self,
+        pc: rtc.RTCPeerConnection,
+        source: rtc.TrioVideoSource,
+        params: Mapping[str, Any],
+        on_lost: Callable[[str], None],
+        task_status: trio.TaskStatus[None],
+    ) -> str:
+        events = rtc.PeerEvents(pc)
+        self._pc = pc
+        pc.addTrack(source)
+        channel = pc.createDataChannel(PARAMETERS_CHANNEL, ordered=True)
+        self._channel = channel
+        opened = trio.Event()
+        channel.on("open", opened.set)  # a sync trio call: legal inside the loop task
+        self._input._attach(source)
+
+        offer = await rtc.create_offer(pc)
+        fields: dict[str, Any] = {
+            "sdp": offer.sdp,
+            "sdp_type": offer.type,
+            "initialParameters": dict(params),
+        }
+        if self._user_id is not None:
+            fields["user_id"] = self._user_id
+        self.stats.offers_sent += 1
+        answer = await self._signaling.request(
+            "offer", fields, timeout=self._config.request_timeout
+        )
+        sdp, session_id = answer.get("sdp"), answer.get("sessionId")
+        if not isinstance(sdp, str) or not isinstance(session_id, str):
+            raise CloudAnswerError("the cloud's answer lacks 'sdp' or 'sessionId'")
+        self.session_id = session_id
+        self.stats.offers_successful += 1
+        await rtc.apply_answer(pc, sdp, str(answer.get("sdp_type", "answer")))
+        await events.wait_state("connected")
+        await opened.wait()
+        track = await events.tracks.receive()
+        self._open = True
+        self.stats.sessions[session_id] = "connected"
+        logger.info("cloud media session %s connected", session_id)
+        task_status.started()
+
+        return await self._serve(pc, events, track, on_lost)
+
+    async def _serve(
+        self,
+        pc: rtc.RTCPeerConnection,
+        events: rtc.PeerEvents,
+        track: rtc.MediaStreamTrack,
+        on_lost: Callable[[str], None],
+    ) -> str:
+        """Run the loss watchers until the first fires; report it at once, return its reason."""
+        async with trio.open_nursery() as nursery:
+
+            def lost(reason: str) -> None:
+                self._open = False  # updates from now on are kept for the next session
+                logger.warning("cloud media session %s lost: %s", self.session_id, reason)
+                on_lost(reason)
+                nursery.cancel_scope.cancel()
+
+            watch = _LossWatch(self, pc, events, track, lost)
+            nursery.start_soon(watch.connection_state)
+            nursery.start_soon(watch.inbound_frames)
+            nursery.start_soon(watch.stall)
+            nursery.start_soon(watch.keyframe_requests)
+            nursery.start_soon(watch.close_on_request)
+        return watch.reason or "session ended"
+
+
+class _LossWatch:
+    """The watchers of one connected session. The first loss signal wins; later ones are
+    ignored, so the session ends exactly once with one reason."""
+
+    def __init__(
+        self,
+        session: CloudMediaSession,
+        pc: rtc.RTCPeerConnection,
+        events: rtc.PeerEvents,
+        track: rtc.MediaStreamTrack,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self.session = session
+        self.config = session._config
+        self.pc = pc
+        self.events = events
+        self.track = track
+        self._on_lost = on_lost
+        self.reason: str | None = None
+        self.first_frame = trio.Event()
+        self.last_frame_at = trio.current_time()
+
+    def lost(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._on_lost(reason)
+
+    def _deliver(self, frame: VideoFrame) -> None:
+        self.session.stats.frames_received_from_cloud += 1
+        self.last_frame_at = trio.current_time()
+        self.first_frame.set()
+        if self.session._on_frame is not None:
+            self.session._on_frame(frame)
+
+    async def connection_state(self) -> None:
+        """``closed``/``failed`` that we did not cause (aiortc has no ``disconnected``)."""
+        async for state in self.events.states:
+            if state in ("closed", "failed"):
+                self.lost(f"peer connection {state}")
+                return
+
+    async def inbound_frames(self) -> None:
+        """Hand frames on; the inbound track ending is a loss."""
+        await rtc.receive_video(self.track, self._deliver)
+        state = self.pc.connectionState
+        if state in ("closed", "failed"):
+            self.lost(f"peer connection {state}")
+        else:
+            self.lost("cloud video track ended")
+
+    async def stall(self) -> None:
+        """No first frame within ``first_frame_timeout``, or none for ``stall_timeout``."""
+        config = self.config
+        with trio.move_on_after(config.first_frame_timeout):
+            await self.first_frame.wait()
+        if not self.first_frame.is_set():
+            self.lost(f"no video from the cloud within {config.first_frame_timeout:g} s")
+            return
+        while True:
+            idle = trio.current_time() - self.last_frame_at
+            if idle >= config.stall_timeout:
+                self.lost(f"no video from the cloud for {config.stall_timeout:g} s")
+                return
+            await trio.sleep(config.stall_timeout - idle)
+
+    async def keyframe_requests(self) -> None:
+        """PLI until a frame decodes: the sender's SSRC is known only once RTP arrives."""
+        while not self.first_frame.is_set():
+            await rtc.request_keyframe(self.pc, self.track)
+            with trio.move_on_after(0.25):
+                await self.first_frame.wait()
+
+    async def close_on_request(self) -> None:
+        """:meth:`CloudMediaSession.simulate_loss`: close as a dead path would."""
+        await self.session._pc_close_requested.wait()
+        await rtc.close_peer_connection(self.pc, self.config.close_timeout)
+
+
+def _ice_servers(reply: Mapping[str, Any]) -> list[dict[str, Any]]:
+    data = reply.get("data")
+    servers = data.get("iceServers") if isinstance(data, Mapping) else None
+    if servers is None:
+        return []
+    if not isinstance(servers, list) or not all(isinstance(s, Mapping) for s in servers):
+        raise CloudAnswerError("the cloud's ice_servers reply is not a list of objects")
+    return [dict(s) for s in servers]

@@ -1,0 +1,313 @@
+"""The real media path: supervisor → CloudMediaSession (aiortc in trio) → signaling link →
+dev cloud, all on loopback with the real clock. Faults are injected through the dev cloud's
+control API, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from av import VideoFrame
+
+from scope_trio import rtc
+from scope_trio.cloud_link import LinkConfig, connect_cloud_link
+from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.supervisor import Phase, ReconnectPolicy, SessionSupervisor, SupervisorStatus
+
+logger = logging.getLogger(__name__)
+
+WIDTH, HEIGHT = 128, 96
+
+
+def half_white_frame() -> VideoFrame:
+    """Left half white, right half black (rgb24)."""
+    frame = VideoFrame(width=WIDTH, height=HEIGHT, format="rgb24")
+    row = bytes([255] * (3 * WIDTH // 2) + [0] * (3 * WIDTH // 2))
+    plane = frame.planes[0]
+    padding = bytes(plane.line_size - len(row))
+    plane.update((row + padding) * HEIGHT)
+    return frame
+
+
+def half_means(frame: VideoFrame) -> tuple[float, float]:
+    """Mean brightness of the left and right halves (middle rows, away from the edge)."""
+    rgb = frame.reformat(width=WIDTH, height=HEIGHT, format="rgb24")
+    plane = rgb.planes[0]
+    data = bytes(plane)
+    left = right = 0
+    count = 0
+    for y in range(HEIGHT // 4, 3 * HEIGHT // 4):
+        start = y * plane.line_size
+        left += sum(data[start + 3 * 8 : start + 3 * (WIDTH // 2 - 8)])
+        right += sum(data[start + 3 * (WIDTH // 2 + 8) : start + 3 * (WIDTH - 8)])
+        count += 3 * (WIDTH // 2 - 16)
+    return left / count, right / count
+
+
+def live_peer_connections() -> int:
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
+    )
+
+
+async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
+    """Poll state that lives elsewhere (the dev cloud) until ``check`` holds; 10 s deadline."""
+    with trio.fail_after(10):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.05)
+
+
+@dataclass
+class Rig:
+    """A dev cloud, a signaling link, a supervisor of real sessions, and a frame producer."""
+
+    base_url: str
+    supervisor: SessionSupervisor
+    stats: MediaStats
+    frames: trio.MemoryReceiveChannel[VideoFrame]
+    http: httpx.AsyncClient
+
+    async def control(self, action: str, **fields: Any) -> None:
+        response = await self.http.post("/control/faults", json={"action": action, **fields})
+        assert response.status_code == 200, response.text
+
+    async def state(self) -> dict[str, Any]:
+        response = await self.http.get("/control/state")
+        assert response.status_code == 200
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def parameters(self) -> dict[str, Any]:
+        """The parameters the cloud's one live session has applied (initial + updates)."""
+        sessions = (await self.state())["sessions"]
+        assert len(sessions) == 1, f"expected one cloud session, found {len(sessions)}"
+        result: dict[str, Any] = sessions[0]["parameters"]
+        return result
+
+    async def next_frame(self) -> VideoFrame:
+        with trio.fail_after(10):
+            return await self.frames.receive()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                self.frames.receive_nowait()
+            except trio.WouldBlock:
+                return
+
+    async def until(self, predicate: Any, timeout: float = 20) -> SupervisorStatus:  # noqa: ASYNC109
+        with trio.fail_after(timeout):
+            status: SupervisorStatus = await self.supervisor.wait_until(predicate)
+            return status
+
+
+@asynccontextmanager
+async def rig(
+    policy: ReconnectPolicy | None = None, *, pipeline: str = "invert"
+) -> AsyncIterator[Rig]:
+    saved = rtc.get_ice_consent()
+    rtc.tune_ice_consent()
+    try:
+        async with rtc.open_loop(), trio.open_nursery() as outer:
+            base_url = await outer.start(partial(serve_devcloud, DevCloudConfig(pipeline=pipeline)))
+            link_config = LinkConfig(ws_url=ws_url(base_url), request_timeout=10)
+            async with (
+                connect_cloud_link(link_config) as link,
+                httpx.AsyncClient(base_url=base_url) as http,
+                trio.open_nursery() as nursery,
+            ):
+                video = VideoInput()
+                stats = MediaStats()
+                send, receive = trio.open_memory_channel[VideoFrame](math.inf)
+                config = MediaConfig(stall_timeout=2.0)
+
+                def factory() -> CloudMediaSession:
+                    return CloudMediaSession(
+                        link,
+                        video_input=video,
+                        on_frame=send.send_nowait,
+                        config=config,
+                        stats=stats,
+                    )
+
+                async def produce() -> None:
+                    while True:
+                        video.push(half_white_frame())
+                        await trio.sleep(1 / 30)
+
+                nursery.start_soon(produce)
+                supervisor = SessionSupervisor(nursery, factory, policy)
+                r = Rig(base_url, supervisor, stats, receive, http)
+                try:
+                    yield r
+                finally:
+                    await supervisor.stop()
+                    nursery.cancel_scope.cancel()
+
+                # Nothing leaks, after any fault: no peer connection left on either side.
+                async def all_closed() -> bool:
+                    state = await r.state()
+                    return state["peer_connections"] == 0 and live_peer_connections() == 0
+
+                await eventually(all_closed)
+            outer.cancel_scope.cancel()
+    finally:
+        rtc.tune_ice_consent(saved.interval, saved.failures, saved.rto)
+
+
+async def test_frames_go_through_the_cloud_and_come_back_inverted() -> None:
+    async with rig() as r:
+        await r.supervisor.start({"prompts": [{"text": "a fox", "weight": 1}]})
+        assert r.supervisor.status.webrtc_connected
+        # The encoder needs a few frames to settle; judge a frame after that.
+        for _ in range(10):
+            frame = await r.next_frame()
+        left, right = half_means(frame)
+        assert left < 60, f"white came back as {left:.0f}, not inverted"
+        assert right > 195, f"black came back as {right:.0f}, not inverted"
+        assert r.stats.frames_received_from_cloud >= 10
+
+
+async def test_parameters_arrive_initially_and_over_the_data_channel() -> None:
+    async with rig() as r:
+        await r.supervisor.start({"prompts": ["a"], "noise_scale": 0.5})
+        r.supervisor.update_parameters({"noise_scale": 0.9})
+
+        async def updated() -> bool:
+            return (await r.parameters()).get("noise_scale") == 0.9
+
+        await eventually(updated)
+        assert (await r.parameters())["prompts"] == ["a"]
+
+
+async def test_close_pc_is_detected_and_recovered_with_updates_kept() -> None:
+    async with rig() as r:
+        await r.supervisor.start({"prompts": ["a"], "noise_scale": 0.1})
+        await r.next_frame()
+        t_fault = trio.current_time()
+        await r.control("close_pc")
+        await r.until(lambda s: s.webrtc_reconnecting)
+        detected = trio.current_time() - t_fault
+        assert r.supervisor.status.webrtc_error is not None
+        r.supervisor.update_parameters({"noise_scale": 0.7})
+        await r.until(lambda s: s.webrtc_connected)
+        r.drain()
+        await r.next_frame()
+        recovered = trio.current_time() - t_fault
+        logger.warning(
+            "close_pc: detected in %.3f s, first new frame at %.3f s", detected, recovered
+        )
+        params = await r.parameters()  # also: the old cloud peer connection is gone
+        assert params["noise_scale"] == 0.7
+        assert params["prompts"] == ["a"]
+        assert r.supervisor.status.sessions_started == 2
+
+
+async def test_blackhole_is_detected_by_ice_consent_and_recovered() -> None:
+    async with rig() as r:
+        await r.supervisor.start({"noise_scale": 0.1})
+        await r.next_frame()
+        t_fault = trio.current_time()
+        await r.control("blackhole", seconds=4, scope="existing")
+        status = await r.until(lambda s: s.webrtc_reconnecting)
+        detected = trio.current_time() - t_fault
+        await r.until(lambda s: s.webrtc_connected)
+        r.drain()
+        await r.next_frame()
+        recovered = trio.current_time() - t_fault
+        logger.warning(
+            "blackhole: detected in %.3f s (%s), first new frame at %.3f s",
+            detected,
+            status.last_loss_reason,
+            recovered,
+        )
+        assert detected < 5
+
+
+async def test_stall_media_is_a_loss() -> None:
+    async with rig() as r:
+        await r.supervisor.start({})
+        await r.next_frame()
+        await r.control("stall_media", seconds=5)
+        status = await r.until(lambda s: s.webrtc_reconnecting)
+        assert status.last_loss_reason == "no video from the cloud for 2 s"
+        await r.control("clear")
+        await r.until(lambda s: s.webrtc_connected)
+
+
+async def test_refused_offers_beyond_the_budget_end_in_the_final_error() -> None:
+    policy = ReconnectPolicy(base_delay=0.2)
+    async with rig(policy) as r:
+        await r.supervisor.start({})
+        await r.control("refuse_offers", count=10)
+        await r.control("close_pc")
+        status = await r.until(lambda s: s.phase is Phase.FAILED)
+        assert status.webrtc_error is not None
+        assert "Reconnection failed after 3 attempts" in status.webrtc_error
+        assert (await r.state())["peer_connections"] == 0
+
+
+async def test_stop_closes_everything_on_both_sides() -> None:
+    before = live_peer_connections()
+    async with rig() as r:
+        await r.supervisor.start({})
+        await r.next_frame()
+        await r.supervisor.stop()
+        # Ours is closed when stop returns; the dev cloud (same process) follows within ms.
+
+        async def all_closed() -> bool:
+            return (await r.state())["peer_connections"] == 0 and live_peer_connections() == before
+
+        await eventually(all_closed)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_refused_offers_below_the_budget_recover(count: int) -> None:
+    policy = ReconnectPolicy(base_delay=0.2)
+    async with rig(policy) as r:
+        await r.supervisor.start({})
+        await r.control("refuse_offers", count=count)
+        await r.control("close_pc")
+        await r.until(lambda s: s.webrtc_reconnecting)
+        status = await r.until(lambda s: s.webrtc_connected)
+        assert status.attempt == count + 1
+
+
+async def test_stalled_offer_hits_the_attempt_deadline_then_recovers() -> None:
+    policy = ReconnectPolicy(base_delay=0.2, attempt_timeout=2.0)
+    async with rig(policy) as r:
+        await r.supervisor.start({})
+        await r.control("stall_offers", count=1)
+        await r.control("close_pc")
+        await r.until(lambda s: s.webrtc_reconnecting)
+        status = await r.until(lambda s: s.webrtc_connected)
+        assert status.attempt == 2, "attempt 1 timed out, attempt 2 connected"
+        assert (await r.state())["offers"] >= 3
+
+
+async def test_blackhole_longer_than_the_budget_ends_in_the_final_error() -> None:
+    policy = ReconnectPolicy(base_delay=0.2, attempt_timeout=2.0)
+    async with rig(policy) as r:
+        await r.supervisor.start({})
+        await r.next_frame()
+        await r.control("blackhole", seconds=60, scope="all")
+        status = await r.until(lambda s: s.phase is Phase.FAILED, timeout=30)
+        assert status.webrtc_error is not None
+        assert "Reconnection failed after 3 attempts" in status.webrtc_error
+        await r.control("clear")
