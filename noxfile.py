@@ -74,3 +74,13 @@ def typecheck(session: nox.Session) -> None:
 
 # Later sessions (e2e, bench) go here; add them to nox.options.sessions above if
 # plain `nox` (README's test command, run by .ci/run) should include them.
+
+
+@nox.session(python=PYTHONS[1])
+def bench(session: nox.Session) -> None:
+    """Benchmarks, checked against benchmarks/baseline.json (see benchmarks/README.md).
+
+    posargs go to every benchmark, e.g. ``nox -s bench -- --quick``.
+    """
+    session.install("-e", ".")
+    session.run("python", "benchmarks/race.py", "--check", *session.posargs)
