@@ -436,10 +436,12 @@ class CloudManager:
         await self.supervisor.stop()
         self._on_frame = None
 
-    def simulate_media_loss(self) -> None:
+    async def simulate_media_loss(self) -> None:
         """Debug: force-close the cloud peer connection; recovery takes the real-loss path.
 
-        Raises :class:`NotConnectedError` when no cloud media session is connected.
+        Returns once the loss is seen (bounded by 2 s), so a status read right after it
+        already says "reconnecting" rather than a stale "connected". Raises
+        :class:`NotConnectedError` when no cloud media session is connected.
         """
         session = self.supervisor.session
         if (
@@ -448,6 +450,8 @@ class CloudManager:
         ):
             raise NotConnectedError("WebRTC not connected")
         session.simulate_loss()
+        with trio.move_on_after(2.0):
+            await self.supervisor.wait_until(lambda status: not status.webrtc_connected)
 
     def update_parameters(self, update: Mapping[str, Any]) -> None:
         self.supervisor.update_parameters(update)

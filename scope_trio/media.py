@@ -222,7 +222,7 @@ class CloudMediaSession:
         logger.info("cloud media session %s connected", session_id)
         task_status.started()
 
-        return await self._serve(pc, events, track, on_lost)
+        return await self._serve(pc, events, track, on_lost, source)
 
     async def _serve(
         self,
@@ -230,6 +230,7 @@ class CloudMediaSession:
         events: rtc.PeerEvents,
         track: rtc.MediaStreamTrack,
         on_lost: Callable[[str], None],
+        source: rtc.TrioVideoSource,
     ) -> str:
         """Run the loss watchers until the first fires; report it at once, return its reason."""
         async with trio.open_nursery() as nursery:
@@ -240,7 +241,7 @@ class CloudMediaSession:
                 on_lost(reason)
                 nursery.cancel_scope.cancel()
 
-            watch = _LossWatch(self, pc, events, track, lost)
+            watch = _LossWatch(self, pc, events, track, source=source, on_lost=lost)
             nursery.start_soon(watch.connection_state)
             nursery.start_soon(watch.inbound_frames)
             nursery.start_soon(watch.stall)
@@ -259,9 +260,12 @@ class _LossWatch:
         pc: rtc.RTCPeerConnection,
         events: rtc.PeerEvents,
         track: rtc.MediaStreamTrack,
+        *,
+        source: rtc.TrioVideoSource,
         on_lost: Callable[[str], None],
     ) -> None:
         self.session = session
+        self.source = source
         self.config = session._config
         self.pc = pc
         self.events = events
@@ -324,6 +328,9 @@ class _LossWatch:
     async def close_on_request(self) -> None:
         """:meth:`CloudMediaSession.simulate_loss`: close as a dead path would."""
         await self.session._pc_close_requested.wait()
+        # End our outgoing track first, as every close does: the sender then finishes on its
+        # own instead of being cancelled mid-frame (cancels there can get lost, see rtc.py).
+        self.source.stop()
         await rtc.close_peer_connection(self.pc, self.config.close_timeout)
 
 

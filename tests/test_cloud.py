@@ -271,9 +271,9 @@ async def test_parameter_updates_without_a_link_are_kept_for_the_relink() -> Non
 async def test_simulated_media_loss_takes_the_real_loss_path() -> None:
     async with rig() as r:
         with pytest.raises(NotConnectedError, match="WebRTC not connected"):
-            r.manager.simulate_media_loss()
+            await r.manager.simulate_media_loss()
         await connect_with_media(r, {"prompts": ["a"]})
-        r.manager.simulate_media_loss()
+        await r.manager.simulate_media_loss()
         lost = await r.until(lambda s: s["webrtc_reconnecting"])
         assert lost["webrtc_error"].startswith("Remote inference connection lost: ")
         assert lost["error"] == lost["webrtc_error"], "a UI showing only 'error' sees it too"
