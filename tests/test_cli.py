@@ -10,11 +10,6 @@ import pytest
 from scope_trio.cli import main
 
 
-def test_serve_says_plainly_that_it_is_not_built(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve"]) == 2
-    assert "not built yet" in capsys.readouterr().err
-
-
 def test_unknown_command_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -1,0 +1,484 @@
+"""Relay mode end to end: an aiortc "browser" ⇄ Relay ⇄ CloudManager ⇄ the dev cloud (invert).
+
+Real aiortc on loopback, real WebSockets, real clock; every wait has a deadline. The browser
+sends a half-white/half-black frame at 30 fps and judges what comes back by the brightness
+of the two halves: inverted means the cloud processed it, black means nobody did.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, NamedTuple
+
+import httpx
+import pytest
+import trio
+from av import VideoFrame
+
+from scope_trio import rtc
+from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
+from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.relay import Relay
+
+logger = logging.getLogger(__name__)
+
+WIDTH, HEIGHT = 128, 96
+FPS = 30.0
+
+
+def half_white_frame() -> VideoFrame:
+    """Left half white, right half black (rgb24)."""
+    frame = VideoFrame(width=WIDTH, height=HEIGHT, format="rgb24")
+    row = bytes([255] * (3 * WIDTH // 2) + [0] * (3 * WIDTH // 2))
+    plane = frame.planes[0]
+    padding = bytes(plane.line_size - len(row))
+    plane.update((row + padding) * HEIGHT)
+    return frame
+
+
+def half_means(frame: VideoFrame) -> tuple[float, float]:
+    """Mean brightness of the left and right halves (middle rows, away from the edge)."""
+    rgb = frame.reformat(width=WIDTH, height=HEIGHT, format="rgb24")
+    plane = rgb.planes[0]
+    data = bytes(plane)
+    left = right = count = 0
+    for y in range(HEIGHT // 4, 3 * HEIGHT // 4):
+        start = y * plane.line_size
+        left += sum(data[start + 3 * 8 : start + 3 * (WIDTH // 2 - 8)])
+        right += sum(data[start + 3 * (WIDTH // 2 + 8) : start + 3 * (WIDTH - 8)])
+        count += 3 * (WIDTH // 2 - 16)
+    return left / count, right / count
+
+
+def live_peer_connections() -> int:
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 10,  # noqa: ASYNC109
+    poll: float = 0.05,
+) -> None:
+    """Poll state that lives elsewhere (the dev cloud, gc) until ``check`` holds."""
+    with trio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await trio.sleep(poll)
+
+
+class Seen(NamedTuple):
+    at: float
+    left: float
+    right: float
+
+    @property
+    def inverted(self) -> bool:
+        return self.left < 60 and self.right > 195
+
+    @property
+    def black(self) -> bool:
+        return self.left < 40 and self.right < 40
+
+
+@dataclass
+class Browser:
+    """The browser's side: its peer connection and everything it received."""
+
+    pc: rtc.RTCPeerConnection
+    events: rtc.PeerEvents
+    channel: rtc.RTCDataChannel
+    session_id: str
+    seen: list[Seen] = field(default_factory=list)
+    states_after_connect: list[str] = field(default_factory=list)
+    closed: trio.Event = field(default_factory=trio.Event)
+    _arrived: trio.Event = field(default_factory=trio.Event)
+
+    def on_frame(self, frame: VideoFrame) -> None:
+        self.seen.append(Seen(trio.current_time(), *half_means(frame)))
+        self._arrived.set()
+        self._arrived = trio.Event()
+
+    async def record_states(self) -> None:
+        async for state in self.events.states:
+            self.states_after_connect.append(state)
+            if state in ("closed", "failed"):
+                self.closed.set()
+                return
+
+    async def inverted_frame(self, timeout: float = 10) -> Seen:  # noqa: ASYNC109
+        """Wait for a processed frame arriving from now on."""
+        start = len(self.seen)
+        with trio.fail_after(timeout):
+            while True:
+                for seen in self.seen[start:]:
+                    if seen.inverted:
+                        return seen
+                start = len(self.seen)
+                await self._arrived.wait()
+
+
+@asynccontextmanager
+async def browser(
+    relay: Relay, params: dict[str, Any] | None = None, *, expect_connected: bool = True
+) -> AsyncIterator[Browser]:
+    """An aiortc peer acting as Scope's frontend: camera track + ``parameters`` channel."""
+    pc = rtc.new_peer_connection([])
+    events = rtc.PeerEvents(pc)
+    camera = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
+    pc.addTrack(camera)
+    channel = pc.createDataChannel("parameters", ordered=True)
+    opened = trio.Event()
+    channel.on("open", opened.set)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def produce() -> None:
+                while True:
+                    camera.push(half_white_frame())
+                    await trio.sleep(1 / FPS)
+
+            nursery.start_soon(produce)
+            offer = await rtc.create_offer(pc)
+            with trio.fail_after(10):
+                answer = await relay.offer(offer.sdp, offer.type, params)
+            assert answer["type"] == "answer"
+            await rtc.apply_answer(pc, answer["sdp"], answer["type"])
+            with trio.fail_after(10):
+                assert await events.wait_state("connected") == "connected"
+                await opened.wait()
+                track = await events.tracks.receive()
+            b = Browser(pc, events, channel, answer["sessionId"])
+            nursery.start_soon(b.record_states)
+            nursery.start_soon(rtc.receive_video, track, b.on_frame)
+            yield b
+            nursery.cancel_scope.cancel()
+    finally:
+        camera.stop()
+        await rtc.close_peer_connection(pc)
+
+
+@dataclass
+class Rig:
+    manager: CloudManager
+    relay: Relay
+    http: httpx.AsyncClient
+
+    async def control(self, action: str, **fields: Any) -> None:
+        response = await self.http.post("/control/faults", json={"action": action, **fields})
+        assert response.status_code == 200, response.text
+
+    async def cloud_state(self) -> dict[str, Any]:
+        response = await self.http.get("/control/state")
+        assert response.status_code == 200
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Wait for a CloudStatus that satisfies ``predicate`` (change-driven)."""
+        with trio.fail_after(20):
+            while True:
+                seen = self.manager.version
+                status = self.manager.status()
+                if predicate(status):
+                    return status
+                await self.manager.wait_change(seen)
+
+    async def connect(self) -> None:
+        await self.manager.connect()
+        await self.until(lambda s: s["connected"])
+
+
+@asynccontextmanager
+async def rig(*, connect: bool = True, **relay_options: Any) -> AsyncIterator[Rig]:
+    saved = rtc.tune_ice_consent()
+    try:
+        async with rtc.open_loop(), trio.open_nursery() as outer:
+            config = DevCloudConfig(pipeline="invert")
+            base_url = await outer.start(partial(serve_devcloud, config))
+            async with httpx.AsyncClient(base_url=base_url) as http, trio.open_nursery() as nursery:
+                manager = CloudManager(
+                    nursery,
+                    CloudSettings(ws_url=ws_url(base_url)),
+                    link_policy=LinkPolicy(delay=0.2),
+                    link_options={"connect_backoff": (0.2, 0.4)},
+                )
+                r = Rig(manager, Relay(manager, nursery, fps=FPS, **relay_options), http)
+                if connect:
+                    await r.connect()
+                try:
+                    yield r
+                finally:
+                    await r.relay.close_all()
+                    await manager.disconnect()
+                    nursery.cancel_scope.cancel()
+
+                # Nothing leaks, whatever the test did: no peer connection on either side.
+                async def all_closed() -> bool:
+                    state = await r.cloud_state()
+                    return state["peer_connections"] == 0 and live_peer_connections() == 0
+
+                await eventually(all_closed)
+            outer.cancel_scope.cancel()
+        # A peer connection abandoned by a close that timed out leaks its sockets; collect
+        # now, so the ResourceWarning fails THIS test rather than whichever runs gc next.
+        gc.collect()
+    finally:
+        rtc.tune_ice_consent(saved.interval, saved.failures, saved.rto)
+
+
+async def test_offer_answer_and_processed_frames_reach_the_browser() -> None:
+    async with rig() as r, browser(r.relay, {"prompts": [{"text": "a fox", "weight": 1}]}) as b:
+        seen = await b.inverted_frame()
+        assert seen.inverted, f"not inverted: {seen}"
+        stats = r.relay.sessions()
+        assert list(stats) == [b.session_id]
+        own = stats[b.session_id]
+        assert own["current"] is True
+        assert own["state"] == "connected"
+        assert own["frames_from_browser"] > 0
+        assert own["frames_from_cloud"] > 0
+        assert own["cloud_error"] is None
+        status = r.manager.status()
+        assert status["webrtc_connected"] is True
+        assert status["stats"]["frames_received_from_cloud"] > 0
+        cloud = await r.cloud_state()
+        assert len(cloud["sessions"]) == 1
+        assert cloud["sessions"][0]["parameters"] == {"prompts": [{"text": "a fox", "weight": 1}]}
+
+
+async def test_data_channel_json_becomes_a_parameter_update() -> None:
+    async with rig() as r, browser(r.relay, {"prompts": ["a"], "noise_scale": 0.5}) as b:
+        await b.inverted_frame()
+        b.channel.send("not json")
+        b.channel.send("[1, 2]")
+        b.channel.send('{"noise_scale": NaN}')  # JSON to Python, not to the cloud: refused
+        b.channel.send(json.dumps({"noise_scale": 0.9, "reset_cache": True}))
+
+        async def updated() -> bool:
+            sessions = (await r.cloud_state())["sessions"]
+            return bool(sessions) and sessions[0]["parameters"].get("noise_scale") == 0.9
+
+        await eventually(updated)
+        params = (await r.cloud_state())["sessions"][0]["parameters"]
+        assert params == {"prompts": ["a"], "noise_scale": 0.9, "reset_cache": True}
+        own = r.relay.sessions()[b.session_id]
+        assert (own["parameter_messages"], own["parameter_errors"]) == (4, 3)
+        await b.inverted_frame()  # the bad messages broke nothing
+
+
+@pytest.mark.parametrize("fault", ["simulate_media_loss", "close_pc", "drop_ws"])
+async def test_cloud_loss_holds_the_last_frame_and_resumes_on_the_same_browser_pc(
+    fault: str,
+) -> None:
+    async with rig() as r, browser(r.relay, {"noise_scale": 0.3}) as b:
+        await b.inverted_frame()
+        sid, pc = b.session_id, b.pc
+
+        def cloud_frames() -> int:
+            count: int = r.relay.sessions()[sid]["frames_from_cloud"]
+            return count
+
+        t_fault = trio.current_time()
+        if fault == "simulate_media_loss":
+            await r.manager.simulate_media_loss()
+        else:
+            await r.control(fault)
+        await r.until(lambda s: not s["webrtc_connected"])
+        t_lost = trio.current_time()
+        lost_at_count = cloud_frames()
+        await r.until(lambda s: s["webrtc_connected"])
+
+        async def resumed() -> bool:
+            await trio.lowlevel.checkpoint()
+            return cloud_frames() > lost_at_count
+
+        await eventually(resumed, poll=0.005)
+        t_resumed = trio.current_time()
+        await b.inverted_frame()
+
+        outage = [s for s in b.seen if t_lost <= s.at <= t_resumed]
+        duration = t_resumed - t_lost
+        rate = len(outage) / duration
+        logger.warning(
+            "%s: loss seen after %.3f s; cloud frames resumed %.3f s after the fault; "
+            "browser got %d frames in the %.3f s outage (%.1f fps)",
+            fault,
+            t_lost - t_fault,
+            t_resumed - t_fault,
+            len(outage),
+            duration,
+            rate,
+        )
+        assert duration > 0.15, "the outage was too short to judge the hold"
+        assert len(outage) >= 0.5 * FPS * duration, f"browser starved: {rate:.1f} fps"
+        assert all(s.inverted for s in outage), "the hold sent something else than the last frame"
+        assert r.relay.sessions()[sid]["held_frames"] > 0
+        # The same browser peer connection throughout: never renegotiated, never left
+        # "connected", one track only, one relay session.
+        assert b.pc is pc
+        assert pc.connectionState == "connected"
+        assert b.states_after_connect == []
+        with pytest.raises(trio.WouldBlock):
+            b.events.tracks.receive_nowait()
+        assert list(r.relay.sessions()) == [sid]
+        assert r.manager.supervisor.status.sessions_started >= 2
+        cloud = await r.cloud_state()
+        assert cloud["sessions"][0]["parameters"] == {"noise_scale": 0.3}
+
+
+async def test_bad_requests_are_client_errors_and_leave_nothing_open() -> None:
+    async with rig(connect=False) as r:
+        baseline = live_peer_connections()
+        offerer = rtc.new_peer_connection([])
+        offerer.addTrack(rtc.TrioVideoSource(idle_timeout=None))
+        offer = await rtc.create_offer(offerer)
+        await rtc.close_peer_connection(offerer)
+        with pytest.raises(NotConnectedError):
+            await r.relay.offer(offer.sdp, "offer")
+
+        await r.connect()
+        with pytest.raises(ValueError, match="SDP"):
+            await r.relay.offer("garbage", "offer")
+        with pytest.raises(ValueError, match="SDP"):
+            await r.relay.offer("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n", "offer")
+        with pytest.raises(ValueError, match="offer"):
+            await r.relay.offer(offer.sdp, "answer")
+        with pytest.raises(ValueError, match="initialParameters"):
+            await r.relay.offer(offer.sdp, "offer", {"noise_scale": math.nan})
+        data_only = rtc.new_peer_connection([])
+        data_only.createDataChannel("parameters")
+        data_offer = await rtc.create_offer(data_only)
+        await rtc.close_peer_connection(data_only)
+        with pytest.raises(ValueError, match="no video"):
+            await r.relay.offer(data_offer.sdp, "offer")
+
+        with pytest.raises(KeyError):
+            await r.relay.add_candidates("no-such-session", [])
+        with pytest.raises(KeyError):
+            await r.relay.close("no-such-session")
+        assert r.relay.sessions() == {}
+        assert live_peer_connections() == baseline
+
+        async with browser(r.relay) as b:
+            with pytest.raises(ValueError, match="candidate"):
+                await r.relay.add_candidates(b.session_id, [{"candidate": "garbage"}])
+            with pytest.raises(ValueError, match="candidate"):
+                await r.relay.add_candidates(b.session_id, [{"sdpMid": "0"}])
+            with pytest.raises(ValueError, match="list"):
+                await r.relay.add_candidates(b.session_id, "candidate:1")  # type: ignore[arg-type]
+            await r.relay.add_candidates(
+                b.session_id,
+                [
+                    {
+                        "candidate": "candidate:1 1 udp 2130706431 127.0.0.1 9 typ host",
+                        "sdpMid": "0",
+                        "sdpMLineIndex": 0,
+                    },
+                    {"candidate": "", "sdpMid": "0"},  # end of candidates
+                ],
+            )
+            await b.inverted_frame()  # none of it disturbed the session
+
+
+async def test_close_closes_browser_and_cloud_and_leaks_nothing() -> None:
+    async with rig() as r:
+        await r.cloud_state()  # the control API's keep-alive connection exists first
+        baseline = live_peer_connections()
+        async with browser(r.relay) as b:
+            await b.inverted_frame()
+            with trio.fail_after(15):
+                await r.relay.close(b.session_id)
+            assert r.relay.sessions() == {}
+            assert r.manager.status()["webrtc_connected"] is False
+            with trio.fail_after(5):
+                await b.closed.wait()
+            assert b.states_after_connect == ["closed"]
+
+            async def cloud_closed() -> bool:
+                count: int = (await r.cloud_state())["peer_connections"]
+                return count == 0
+
+            await eventually(cloud_closed)
+            with pytest.raises(KeyError):
+                await r.relay.close(b.session_id)
+            with pytest.raises(KeyError):
+                await r.relay.add_candidates(b.session_id, [])
+
+        async def back_to_baseline() -> bool:
+            await trio.lowlevel.checkpoint()
+            return live_peer_connections() == baseline
+
+        await eventually(back_to_baseline)
+
+
+async def test_browser_disconnect_closes_its_session_and_the_cloud_session() -> None:
+    async with rig() as r:
+        async with browser(r.relay) as b:
+            await b.inverted_frame()
+            sid = b.session_id
+        # The browser closed its peer connection when the block ended.
+
+        async def all_gone() -> bool:
+            state = await r.cloud_state()
+            return sid not in r.relay.sessions() and state["peer_connections"] == 0
+
+        await eventually(all_gone)
+        assert r.manager.status()["webrtc_connected"] is False
+
+
+async def test_a_second_offer_replaces_the_first() -> None:
+    async with rig() as r, browser(r.relay, {"prompts": ["first"]}) as first:
+        await first.inverted_frame()
+        async with browser(r.relay, {"prompts": ["second"]}) as second:
+            with trio.fail_after(5):
+                await first.closed.wait()
+            assert list(r.relay.sessions()) == [second.session_id]
+            await second.inverted_frame()
+
+            async def one_cloud_session() -> bool:
+                return len((await r.cloud_state())["sessions"]) == 1
+
+            await eventually(one_cloud_session)
+            cloud = await r.cloud_state()
+            assert cloud["sessions"][0]["parameters"] == {"prompts": ["second"]}
+            assert r.manager.status()["webrtc_connected"] is True
+
+            with trio.fail_after(15):
+                await r.relay.close_all()
+            assert r.relay.sessions() == {}
+            with trio.fail_after(5):
+                await second.closed.wait()
+            assert r.manager.status()["webrtc_connected"] is False
+
+
+async def test_a_browser_that_never_connects_is_given_up() -> None:
+    async with rig(connect_timeout=1.0) as r:
+        offerer = rtc.new_peer_connection([])
+        offerer.addTrack(rtc.TrioVideoSource(idle_timeout=None))
+        try:
+            offer = await rtc.create_offer(offerer)
+            answer = await r.relay.offer(offer.sdp, offer.type, {"a": 1})  # never applied
+            sid = answer["sessionId"]
+            assert sid in r.relay.sessions()
+
+            async def given_up() -> bool:
+                state = await r.cloud_state()
+                return sid not in r.relay.sessions() and state["peer_connections"] == 0
+
+            await eventually(given_up)
+            assert r.manager.status()["webrtc_connected"] is False
+        finally:
+            await rtc.close_peer_connection(offerer)
