@@ -46,7 +46,7 @@ nox.options.default_venv_backend = "uv"
 nox.options.download_python = "never"
 nox.options.error_on_missing_interpreters = True
 nox.options.reuse_venv = "yes"  # CI starts from a fresh clone, so this only speeds up local runs
-nox.options.sessions = ["lint", "typecheck", "tests"]  # later: "e2e", "bench"
+nox.options.sessions = ["lint", "typecheck", "tests", "e2e"]  # bench: run on its own
 
 
 @nox.session(python=PYTHONS)
@@ -54,7 +54,15 @@ def tests(session: nox.Session) -> None:
     """Unit and integration tests (pytest; posargs are passed through)."""
     session.install("-e", ".", "--group", "tests")
     # session.run fails on any non-zero exit, so pytest's 5 (no tests collected) fails too.
-    session.run("pytest", *session.posargs)
+    # The browser tests have their own session (e2e): they need Chromium and Playwright.
+    session.run("pytest", "--ignore=tests/e2e", *session.posargs)
+
+
+@nox.session(python=PYTHONS[1])
+def e2e(session: nox.Session) -> None:
+    """A real headless Chromium against `scope-trio serve` (needs Debian's chromium)."""
+    session.install("-e", ".", "--group", "e2e")
+    session.run("pytest", "tests/e2e", *session.posargs)
 
 
 @nox.session(python=PYTHONS[-1])
@@ -70,10 +78,6 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over scope_trio (configured in pyproject.toml)."""
     session.install("-e", ".", "--group", "types")
     session.run("mypy", *session.posargs)
-
-
-# Later sessions (e2e, bench) go here; add them to nox.options.sessions above if
-# plain `nox` (README's test command, run by .ci/run) should include them.
 
 
 @nox.session(python=PYTHONS[1])

@@ -150,8 +150,10 @@ async def serve(
             settings, cloud_url = config.cloud, None
             stop_devcloud = trio.Event()
             if config.embedded_cloud:
+                # "invert", so a first-time user sees at once that frames went through it.
+                devcloud = DevCloudConfig(pipeline="invert")
                 cloud_url = await root.start(
-                    partial(serve_devcloud, DevCloudConfig(), shutdown_trigger=stop_devcloud.wait)
+                    partial(serve_devcloud, devcloud, shutdown_trigger=stop_devcloud.wait)
                 )
                 settings = CloudSettings(ws_url=ws_url(cloud_url))
                 logger.info("no cloud configured: using the embedded dev cloud at %s", cloud_url)
