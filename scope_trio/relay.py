@@ -348,15 +348,17 @@ class Relay:
     async def _watch_connection(self, session: _BrowserSession) -> None:
         """End the session when the browser disconnects or never connects."""
         events = session.events
-        with trio.move_on_after(self._connect_timeout):
+        state: str | None = None
+        with trio.move_on_after(self._connect_timeout):  # bounds the connect only
             state = await events.wait_state("connected", "closed", "failed")
-            if state == "connected":
-                session.connected_at = trio.current_time()
-                logger.info("browser session %s connected", session.id)
-                state = await events.wait_state("closed", "failed")
-            session.end(f"browser peer connection {state}")
+        if state is None:
+            session.end(f"browser did not connect within {self._connect_timeout:g} s")
             return
-        session.end(f"browser did not connect within {self._connect_timeout:g} s")
+        if state == "connected":
+            session.connected_at = trio.current_time()
+            logger.info("browser session %s connected", session.id)
+            state = await events.wait_state("closed", "failed")  # as long as it streams
+        session.end(f"browser peer connection {state}")
 
     async def _pump_tracks(self, session: _BrowserSession, nursery: trio.Nursery) -> None:
         """Browser video feeds the cloud session; other tracks are drained and dropped."""

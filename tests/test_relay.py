@@ -482,3 +482,16 @@ async def test_a_browser_that_never_connects_is_given_up() -> None:
             assert r.manager.status()["webrtc_connected"] is False
         finally:
             await rtc.close_peer_connection(offerer)
+
+
+async def test_a_connected_session_outlives_the_connect_timeout() -> None:
+    """Regression (found by benchmarks/api_load.py): the connect deadline also bounded the
+    whole session, so every browser stream was cut 30 s after its answer."""
+    async with rig(connect_timeout=1.0) as r, browser(r.relay, {"a": 1}) as b:
+        await b.inverted_frame()
+        await trio.sleep(2.5)  # the time under test: well past the 1 s connect deadline
+        assert r.relay.sessions()[b.session_id]["state"] == "connected"
+        assert r.manager.status()["webrtc_connected"] is True
+        before = r.relay.sessions()[b.session_id]["frames_to_browser"]
+        await b.inverted_frame()
+        assert r.relay.sessions()[b.session_id]["frames_to_browser"] > before
