@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fractions
+import functools
 import logging
 import math
 import time
@@ -153,7 +154,8 @@ _patched_loops: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _ensure_cancellable_executor() -> None:
-    """Give the current trio-asyncio loop the :class:`_AbandoningExecutor` (once per loop).
+    """Give the current trio-asyncio loop the :class:`_AbandoningExecutor` and an exception
+    handler that logs instead of crashing (once per loop).
 
     Called for every peer connection, so loops opened without :func:`open_loop` (e.g. a
     test fixture's) are fixed too.
@@ -163,7 +165,23 @@ def _ensure_cancellable_executor() -> None:
         raise RuntimeError("aiortc needs an open trio-asyncio loop (rtc.open_loop())")
     if loop not in _patched_loops:
         loop.set_default_executor(_AbandoningExecutor())
+        loop.set_exception_handler(_log_background_error)
         _patched_loops.add(loop)
+
+
+def _log_background_error(loop: object, context: dict[str, Any]) -> None:
+    """Log an error from an aiortc task nobody awaits, instead of ending the whole run.
+
+    aiortc leaves some tasks unawaited (e.g. ``InvalidStateError('RTCIceTransport is
+    closed')`` when a peer connection is closed while it still connects); trio-asyncio's
+    default handler would raise it into the loop's nursery and take the server down.
+    """
+    exception = context.get("exception")
+    logger.warning(
+        "aiortc background error (ignored): %s",
+        context.get("message", "unhandled error"),
+        exc_info=exception if isinstance(exception, BaseException) else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,12 +296,14 @@ async def close_peer_connection(
             await done.wait()
         return done.is_set()
     done = _close_done[pc] = trio.Event()
+    connections = _ice_connections(pc)  # found before close() takes the transports apart
     try:
         with trio.move_on_after(timeout, shield=True) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_recancel_stuck_senders, pc)
                 await aio(pc.close)
                 nursery.cancel_scope.cancel()
+        _reap_consent_checks(connections)
     finally:
         done.set()
     if scope.cancelled_caught:
@@ -318,6 +338,26 @@ async def _recancel_stuck_senders(pc: RTCPeerConnection) -> None:
                 task = getattr(sender, name, None)
                 if task is not None and not task.done():
                     task.cancel()
+
+
+def _reap_consent_checks(connections: list[Any], *, again: tuple[float, ...] = (0.25, 1.0)) -> None:
+    """Cancel consent checks that outlive ``close()``, now and a little later.
+
+    aioice starts consent freshness checks when ICE completes. When a close lands between
+    "completed" and the start of those checks, they begin after the connection closed and
+    run forever (a task leak per such close, seen by benchmarks/stop_latency.py). The later
+    passes are plain asyncio timers, owned by the loop (cancelled with it).
+    """
+    for connection in connections:
+        task = getattr(connection, "_query_consent_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+    if again:
+        loop = trio_asyncio.current_loop.get()
+        if loop is not None:
+            loop.call_later(
+                again[0], functools.partial(_reap_consent_checks, connections, again=again[1:])
+            )
 
 
 def _release_sockets(pc: RTCPeerConnection) -> int:

@@ -428,3 +428,30 @@ async def test_peer_events_wait_state_raises_on_close(pair: Pair) -> None:
 def test_public_types_are_real() -> None:
     assert issubclass(rtc.TrioVideoSource, MediaStreamTrack)
     assert RTCPeerConnection is rtc.RTCPeerConnection
+
+
+async def test_an_unawaited_aiortc_error_is_logged_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """aiortc leaves some tasks unawaited; one that fails must not end the trio run."""
+    import asyncio
+    import gc
+
+    async with rtc.open_loop():
+
+        async def fail() -> None:
+            raise rtc.InvalidStateError("RTCIceTransport is closed")
+
+        async def fire_and_forget() -> None:
+            asyncio.ensure_future(fail())  # noqa: RUF006 - exactly what aiortc does
+            await asyncio.sleep(0.01)
+
+        with caplog.at_level("WARNING", logger="scope_trio.rtc"):
+            await rtc.aio(fire_and_forget)
+            gc.collect()  # "Task exception was never retrieved" is reported on collection
+            await trio.sleep(0.05)
+        assert any(
+            "RTCIceTransport is closed" in r.getMessage()
+            or (r.exc_info and "RTCIceTransport" in str(r.exc_info[1]))
+            for r in caplog.records
+        )
