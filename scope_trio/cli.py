@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         help="enable POST /api/v1/cloud/debug/disconnect-webrtc",
     )
     parser.add_argument(
+        "--devcloud-pipeline",
+        choices=["invert", "passthrough"],
+        default=None,
+        help="pipeline of the embedded dev cloud used when no cloud is configured (invert)",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -123,6 +129,7 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
             cloud=cloud,
             debug_endpoints=args.debug_endpoints,
             cors_origins=tuple(args.cors_origin) or None,
+            devcloud_pipeline=args.devcloud_pipeline,
         )
     except ValueError as exc:
         print(f"scope-trio serve: bad setting: {exc}", file=sys.stderr)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -37,8 +37,9 @@ from hypercorn.config import Config as HypercornConfig
 
 from scope_trio import rtc
 from scope_trio.app import MIB, BrowserRelay, ScopeApp, create_app
-from scope_trio.cloud import CloudManager, CloudSettings, NotConnectedError
+from scope_trio.cloud import CloudManager, CloudSettings
 from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.relay import Relay
 
 __all__ = ["RelayFactory", "ServerConfig", "is_loopback", "serve"]
 
@@ -63,6 +64,9 @@ class ServerConfig:
     shutdown_timeout: float = 15.0
     """Bound on the whole shutdown (sessions, cloud, HTTP, dev cloud)."""
     tune_ice_consent: bool = True
+    devcloud_pipeline: str = "invert"
+    """The embedded dev cloud's pipeline: "invert" shows a first-time user that frames went
+    through it; benchmarks use "passthrough"."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> ServerConfig:
@@ -93,43 +97,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _default_relay(manager: CloudManager, nursery: trio.Nursery) -> BrowserRelay:
-    try:
-        from scope_trio.relay import Relay  # noqa: PLC0415 - built in parallel; optional
-    except ImportError:  # pragma: no cover - only before the relay module exists
-        logger.warning("scope_trio.relay is not available: WebRTC offers are refused")
-        return _NoRelay()
     return Relay(manager, nursery)
-
-
-class _NoRelay:
-    """Stands in for the relay when it is not available: every offer is refused."""
-
-    async def offer(
-        self,
-        sdp: str,
-        sdp_type: str,
-        initial_parameters: Mapping[str, Any] | None = None,
-        *,
-        user_id: str | None = None,
-    ) -> dict[str, str]:
-        await trio.lowlevel.checkpoint()
-        raise NotConnectedError("the WebRTC relay is not available in this build")
-
-    async def add_candidates(
-        self, session_id: str, candidates: Sequence[Mapping[str, Any]]
-    ) -> None:
-        await trio.lowlevel.checkpoint()
-        raise KeyError(session_id)
-
-    async def close(self, session_id: str) -> None:
-        await trio.lowlevel.checkpoint()
-        raise KeyError(session_id)
-
-    async def close_all(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def sessions(self) -> dict[str, dict[str, Any]]:
-        return {}
 
 
 async def serve(
@@ -150,8 +118,7 @@ async def serve(
             settings, cloud_url = config.cloud, None
             stop_devcloud = trio.Event()
             if config.embedded_cloud:
-                # "invert", so a first-time user sees at once that frames went through it.
-                devcloud = DevCloudConfig(pipeline="invert")
+                devcloud = DevCloudConfig(pipeline=config.devcloud_pipeline)
                 cloud_url = await root.start(
                     partial(serve_devcloud, devcloud, shutdown_trigger=stop_devcloud.wait)
                 )

@@ -1,0 +1,86 @@
+"""The relay and API-load benchmarks (benchmarks/relay.py, benchmarks/api_load.py) run and report.
+
+Each runs its real ``main`` in a tiny mode (2 s windows; the servers are subprocesses), so
+this proves the whole chain (subprocess servers, the aiortc browser, numbered frames, the
+load worker, the report) works, not the numbers themselves.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shlex
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from scope_trio import rtc
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module(name)
+
+
+def test_counter_frames_read_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    relay = _load(monkeypatch, "relay")
+    for n in (1, 2, 0x555, 0xAAA, 4095):
+        assert relay.read_counter(relay.counter_frame(n)) == n
+    assert relay.read_counter(rtc.black_frame(512, 512)) is None, "black carries no number"
+
+
+def test_relay_benchmark_reports_both_servers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    relay = _load(monkeypatch, "relay")
+    out = tmp_path / "relay.json"
+    argv = ["--quick", "--seconds", "2", "--json", str(out)]
+    status = relay.main(argv)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert results["errors"] == 0, results["error_messages"]
+    assert status == 0
+    assert report["benchmark"] == "relay"
+    assert {"platform", "cpu_count", "python"} <= report["machine"].keys()
+    assert report["date"]
+    assert report["command"] == shlex.join(["python", "benchmarks/relay.py", *argv])
+    assert report["config"] == {"seconds": 2.0, "rounds": 1, "size": "512x512", "fps": 30.0}
+    for system in ("scope-trio", "asyncio"):
+        stats = results["systems"][system]
+        assert stats["frames_delivered"] > 0, system
+        latency = stats["latency_s"]  # empty only if the camera stalled (a loaded machine)
+        assert latency["count"] == 0 or latency["p50"] > 0
+        assert stats["cpu_ms_per_frame"] > 0
+    assert {r["system"] for r in results["runs"]} == {"scope-trio", "asyncio"}
+    assert set(results["ratios"]) == {
+        "cpu_per_frame",
+        "delivered_fps",
+        "latency_p50",
+        "latency_p99",
+    }
+    assert results["ratios"]["delivered_fps"] > 0
+
+
+def test_api_load_benchmark_reports_latency_and_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    api_load = _load(monkeypatch, "api_load")
+    out = tmp_path / "api_load.json"
+    argv = ["--seconds", "2", "--pollers", "10", "--subscribers", "3", "--json", str(out)]
+    status = api_load.main(argv)
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert results["errors"] == 0, results["load"]["error_messages"]
+    assert status == 0
+    assert report["benchmark"] == "api_load"
+    assert report["config"] == {"seconds": 2.0, "pollers": 10, "subscribers": 3}
+    load = results["load"]
+    assert load["polls"] > 0
+    assert load["poll_latency_s"]["p50"] > 0
+    assert load["sse_events"] >= 3, "every subscriber got at least the current status"
+    for window in ("unloaded", "loaded"):
+        assert results[window]["frames_delivered"] > 0
+    assert results["ratios"]["delivered_fps"] > 0
