@@ -21,7 +21,7 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,3 +168,34 @@ def finish(checks: Checks, *, title: str) -> int:
         return 1
     print("check passed")
     return 0
+
+
+def conclude(
+    args: argparse.Namespace,
+    report: Report,
+    summary: str,
+    check: Callable[[Report, dict[str, Report]], Checks],
+    *,
+    failure: str | None = None,
+) -> int:
+    """The end every benchmark's ``main`` shares; returns its exit status.
+
+    Prints ``summary``, writes ``--json``, records ``--update-baseline``, and with
+    ``--check`` compares with the baseline. ``failure`` says what failed whatever the
+    baseline (invariant violations, errors, leaks): it makes the status 1, and is printed
+    when no check table shows it.
+    """
+    print(summary)
+    if args.json is not None:
+        write_json(args.json, report)
+        print(f"\nwrote {args.json}")
+    if args.update_baseline:
+        key = update_baseline(args.baseline, report)
+        print(f"recorded the baseline for {key!r} in {args.baseline}")
+    status = 1 if failure else 0
+    if args.check:
+        checks = check(report, load_baselines(args.baseline, report["benchmark"]))
+        status = max(status, finish(checks, title=f"--check against {args.baseline}"))
+    elif failure:
+        print(failure, file=sys.stderr)
+    return status

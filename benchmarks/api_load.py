@@ -33,13 +33,10 @@ from _common import (
     Checks,
     Report,
     command_line,
+    conclude,
     config_key,
-    finish,
-    load_baselines,
     make_parser,
     make_report,
-    update_baseline,
-    write_json,
 )
 from relay import SCRIPT as RELAY_SCRIPT
 from relay import Window, add_duration_options, percentiles, ratio, streaming
@@ -295,20 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = asyncio.run(run_load(seconds, args.pollers, args.subscribers))
     config = {"seconds": seconds, "pollers": args.pollers, "subscribers": args.subscribers}
     report = make_report(BENCHMARK, command_line("api_load.py", argv), config, results)
-    print(summary(results))
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
-    if args.update_baseline:
-        key = update_baseline(args.baseline, report)
-        print(f"recorded the baseline for {key!r} in {args.baseline}")
-    status = 1 if results["errors"] else 0
-    if args.check:
-        checks = check(report, load_baselines(args.baseline, BENCHMARK))
-        status = max(status, finish(checks, title=f"--check against {args.baseline}"))
-    elif results["errors"]:
-        print(f"{results['errors']} errors", file=sys.stderr)
-    return status
+    failure = f"{results['errors']} errors" if results["errors"] else None
+    return conclude(args, report, summary(results), check, failure=failure)
 
 
 if __name__ == "__main__":

@@ -41,13 +41,10 @@ from _common import (
     Checks,
     Report,
     command_line,
+    conclude,
     config_key,
-    finish,
-    load_baselines,
     make_parser,
     make_report,
-    update_baseline,
-    write_json,
 )
 
 from scope_trio.supervisor import (
@@ -819,20 +816,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = run_schedules(args.seed, schedules, trace=print if args.trace else None)
     config = {"seed": args.seed, "schedules": schedules}
     report = make_report(BENCHMARK, command_line("race.py", argv), config, results)
-    print(summary(results))
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
-    if args.update_baseline:
-        key = update_baseline(args.baseline, report)
-        print(f"recorded the baseline for {key!r} in {args.baseline}")
-    status = 1 if results["violations"] else 0
-    if args.check:
-        checks = check(report, load_baselines(args.baseline, BENCHMARK))
-        status = max(status, finish(checks, title=f"--check against {args.baseline}"))
-    elif results["violations"]:
-        print(f"{results['violations']} invariant violations", file=sys.stderr)
-    return status
+    violations = results["violations"]
+    failure = f"{violations} invariant violations" if violations else None
+    return conclude(args, report, summary(results), check, failure=failure)
 
 
 if __name__ == "__main__":

@@ -48,13 +48,10 @@ from _common import (
     Checks,
     Report,
     command_line,
+    conclude,
     config_key,
-    finish,
-    load_baselines,
     make_parser,
     make_report,
-    update_baseline,
-    write_json,
 )
 from stop_latency import LINK_POLICY, POLICY, Rig, open_rig, percentiles, quiet_logs
 
@@ -261,18 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with quiet_logs():
         results = trio.run(bench, runs)
     report = make_report(BENCHMARK, command_line("recovery.py", argv), {"runs": runs}, results)
-    print(summary(results))
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
-    if args.update_baseline:
-        key = update_baseline(args.baseline, report)
-        print(f"recorded the baseline for {key!r} in {args.baseline}")
-    status = 0
-    if args.check:
-        checks = check(report, load_baselines(args.baseline, BENCHMARK))
-        status = finish(checks, title=f"--check against {args.baseline}")
-    return status
+    return conclude(args, report, summary(results), check)
 
 
 if __name__ == "__main__":

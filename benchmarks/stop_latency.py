@@ -59,13 +59,10 @@ from _common import (
     Checks,
     Report,
     command_line,
+    conclude,
     config_key,
-    finish,
-    load_baselines,
     make_parser,
     make_report,
-    update_baseline,
-    write_json,
 )
 from av import VideoFrame
 
@@ -586,20 +583,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = trio.run(bench, samples, cycles, args.seed)
     config = {"samples": samples, "cycles": cycles}
     report = make_report(BENCHMARK, command_line("stop_latency.py", argv), config, results)
-    print(summary(results))
-    if args.json is not None:
-        write_json(args.json, report)
-        print(f"\nwrote {args.json}")
-    if args.update_baseline:
-        key = update_baseline(args.baseline, report)
-        print(f"recorded the baseline for {key!r} in {args.baseline}")
-    status = 1 if results["leaked"] or results["asyncio_unhandled_errors"] else 0
-    if args.check:
-        checks = check(report, load_baselines(args.baseline, BENCHMARK))
-        status = max(status, finish(checks, title=f"--check against {args.baseline}"))
-    elif results["leaked"]:
-        print(f"leaked: {results['leaks']}", file=sys.stderr)
-    return status
+    failure = None
+    if results["leaked"]:
+        failure = f"leaked: {results['leaks']}"
+    elif results["asyncio_unhandled_errors"]:
+        failure = f"{results['asyncio_unhandled_errors']} unhandled asyncio errors"
+    return conclude(args, report, summary(results), check, failure=failure)
 
 
 if __name__ == "__main__":
