@@ -173,6 +173,18 @@ class CloudManager:
             await self._changed.wait()
         return self._version
 
+    async def wait_until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Wait for the first CloudStatus, the current one included, satisfying ``predicate``.
+
+        Change-driven (no polling); callers put a deadline around it.
+        """
+        while True:
+            seen = self._version
+            status = self.status()
+            if predicate(status):
+                return status
+            await self.wait_change(seen)
+
     @property
     def link(self) -> CloudLink | None:
         return self._link

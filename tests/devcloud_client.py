@@ -1,4 +1,5 @@
-"""Test helpers: synthetic frames and pixel checks (no numpy), and a devcloud client.
+"""Test helpers: synthetic frames and pixel checks (no numpy), leak and polling helpers,
+and a devcloud client.
 
 Decoded video is lossy, so checks compare mean luma of regions with a tolerance.
 """
@@ -6,11 +7,12 @@ Decoded video is lossy, so checks compare mean luma of regions with a tolerance.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import json
 import math
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -61,6 +63,32 @@ def mean_luma(frame: VideoFrame) -> float:
     """Mean luma (0-255) of the whole frame."""
     left, right = luma_halves(frame)
     return (left + right) / 2
+
+
+def live_peer_connections() -> int:
+    """Peer connections in this process (both sides, the dev cloud's too) not yet closed."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]],
+    timeout: float = 10,  # noqa: ASYNC109 - the deadline is the point of this helper
+    poll: float = 0.05,
+) -> None:
+    """Poll state that lives elsewhere (the dev cloud, gc) until ``check`` holds.
+
+    For state with no event to wait on; raises ``trio.TooSlowError`` after ``timeout``.
+    """
+    with trio.fail_after(timeout):
+        while True:
+            if await check():
+                return
+            await trio.sleep(poll)
 
 
 async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:

@@ -97,12 +97,7 @@ class Server:
 
     async def until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
         with trio.fail_after(20):
-            while True:
-                seen = self.manager.version
-                status = self.manager.status()
-                if predicate(status):
-                    return status
-                await self.manager.wait_change(seen)
+            return await self.manager.wait_until(predicate)
 
     async def connected(self) -> dict[str, Any]:
         response = await self.http.post("/api/v1/cloud/connect")

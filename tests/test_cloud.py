@@ -6,9 +6,8 @@ Real WebSockets, real aiortc, real clock; every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
-import gc
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import trio
 from av import VideoFrame
+from devcloud_client import eventually, live_peer_connections
 
 from scope_trio import rtc
 from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
@@ -43,24 +43,6 @@ def asyncio_task_count() -> int:
     return sum(1 for task in asyncio.all_tasks(loop) if not task.done())
 
 
-def live_peer_connections() -> int:
-    gc.collect()
-    return sum(
-        1
-        for o in gc.get_objects()
-        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
-    )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15) -> None:  # noqa: ASYNC109
-    """Poll state that lives elsewhere until ``check`` holds, under a deadline."""
-    with trio.fail_after(timeout):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
-
-
 @dataclass
 class Rig:
     manager: CloudManager
@@ -79,14 +61,8 @@ class Rig:
         return result
 
     async def until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """Wait for a CloudStatus that satisfies ``predicate`` (change-driven, no polling)."""
         with trio.fail_after(20):
-            while True:
-                seen = self.manager.version
-                status = self.manager.status()
-                if predicate(status):
-                    return status
-                await self.manager.wait_change(seen)
+            return await self.manager.wait_until(predicate)
 
     async def fresh_frame(self) -> VideoFrame:
         while True:
@@ -249,7 +225,7 @@ async def test_disconnect_closes_everything_and_leaks_nothing() -> None:
             state = await r.cloud_state()
             return state["ws_connections"] == 0 and state["peer_connections"] == 0
 
-        await eventually(all_closed)
+        await eventually(all_closed, timeout=15)
         assert live_peer_connections() == pcs_before
         assert trio_task_count() == trio_before
         assert asyncio_task_count() <= asyncio_before

@@ -5,10 +5,9 @@ control API, and every wait has a deadline.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import trio
 from av import VideoFrame
+from devcloud_client import eventually, live_peer_connections, luma_halves, rgb_frame
 
 from scope_trio import rtc
 from scope_trio.cloud_link import LinkConfig, connect_cloud_link
@@ -28,49 +28,6 @@ from scope_trio.supervisor import Phase, ReconnectPolicy, SessionSupervisor, Sup
 logger = logging.getLogger(__name__)
 
 WIDTH, HEIGHT = 128, 96
-
-
-def half_white_frame() -> VideoFrame:
-    """Left half white, right half black (rgb24)."""
-    frame = VideoFrame(width=WIDTH, height=HEIGHT, format="rgb24")
-    row = bytes([255] * (3 * WIDTH // 2) + [0] * (3 * WIDTH // 2))
-    plane = frame.planes[0]
-    padding = bytes(plane.line_size - len(row))
-    plane.update((row + padding) * HEIGHT)
-    return frame
-
-
-def half_means(frame: VideoFrame) -> tuple[float, float]:
-    """Mean brightness of the left and right halves (middle rows, away from the edge)."""
-    rgb = frame.reformat(width=WIDTH, height=HEIGHT, format="rgb24")
-    plane = rgb.planes[0]
-    data = bytes(plane)
-    left = right = 0
-    count = 0
-    for y in range(HEIGHT // 4, 3 * HEIGHT // 4):
-        start = y * plane.line_size
-        left += sum(data[start + 3 * 8 : start + 3 * (WIDTH // 2 - 8)])
-        right += sum(data[start + 3 * (WIDTH // 2 + 8) : start + 3 * (WIDTH - 8)])
-        count += 3 * (WIDTH // 2 - 16)
-    return left / count, right / count
-
-
-def live_peer_connections() -> int:
-    gc.collect()
-    return sum(
-        1
-        for o in gc.get_objects()
-        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
-    )
-
-
-async def eventually(check: Callable[[], Awaitable[bool]]) -> None:
-    """Poll state that lives elsewhere (the dev cloud) until ``check`` holds; 10 s deadline."""
-    with trio.fail_after(10):
-        while True:
-            if await check():
-                return
-            await trio.sleep(0.05)
 
 
 @dataclass
@@ -148,7 +105,7 @@ async def rig(
 
                 async def produce() -> None:
                     while True:
-                        video.push(half_white_frame())
+                        video.push(rgb_frame(WIDTH, HEIGHT, 255, 0))
                         await trio.sleep(1 / 30)
 
                 nursery.start_soon(produce)
@@ -178,7 +135,7 @@ async def test_frames_go_through_the_cloud_and_come_back_inverted() -> None:
         # The encoder needs a few frames to settle; judge a frame after that.
         for _ in range(10):
             frame = await r.next_frame()
-        left, right = half_means(frame)
+        left, right = luma_halves(frame)
         assert left < 60, f"white came back as {left:.0f}, not inverted"
         assert right > 195, f"black came back as {right:.0f}, not inverted"
         assert r.stats.frames_received_from_cloud >= 10

@@ -11,7 +11,7 @@ import gc
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -21,6 +21,7 @@ import httpx
 import pytest
 import trio
 from av import VideoFrame
+from devcloud_client import eventually, live_peer_connections, luma_halves, rgb_frame
 
 from scope_trio import rtc
 from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
@@ -31,52 +32,6 @@ logger = logging.getLogger(__name__)
 
 WIDTH, HEIGHT = 128, 96
 FPS = 30.0
-
-
-def half_white_frame() -> VideoFrame:
-    """Left half white, right half black (rgb24)."""
-    frame = VideoFrame(width=WIDTH, height=HEIGHT, format="rgb24")
-    row = bytes([255] * (3 * WIDTH // 2) + [0] * (3 * WIDTH // 2))
-    plane = frame.planes[0]
-    padding = bytes(plane.line_size - len(row))
-    plane.update((row + padding) * HEIGHT)
-    return frame
-
-
-def half_means(frame: VideoFrame) -> tuple[float, float]:
-    """Mean brightness of the left and right halves (middle rows, away from the edge)."""
-    rgb = frame.reformat(width=WIDTH, height=HEIGHT, format="rgb24")
-    plane = rgb.planes[0]
-    data = bytes(plane)
-    left = right = count = 0
-    for y in range(HEIGHT // 4, 3 * HEIGHT // 4):
-        start = y * plane.line_size
-        left += sum(data[start + 3 * 8 : start + 3 * (WIDTH // 2 - 8)])
-        right += sum(data[start + 3 * (WIDTH // 2 + 8) : start + 3 * (WIDTH - 8)])
-        count += 3 * (WIDTH // 2 - 16)
-    return left / count, right / count
-
-
-def live_peer_connections() -> int:
-    gc.collect()
-    return sum(
-        1
-        for o in gc.get_objects()
-        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
-    )
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]],
-    timeout: float = 10,  # noqa: ASYNC109
-    poll: float = 0.05,
-) -> None:
-    """Poll state that lives elsewhere (the dev cloud, gc) until ``check`` holds."""
-    with trio.fail_after(timeout):
-        while True:
-            if await check():
-                return
-            await trio.sleep(poll)
 
 
 class Seen(NamedTuple):
@@ -107,7 +62,7 @@ class Browser:
     _arrived: trio.Event = field(default_factory=trio.Event)
 
     def on_frame(self, frame: VideoFrame) -> None:
-        self.seen.append(Seen(trio.current_time(), *half_means(frame)))
+        self.seen.append(Seen(trio.current_time(), *luma_halves(frame)))
         self._arrived.set()
         self._arrived = trio.Event()
 
@@ -147,7 +102,7 @@ async def browser(
 
             async def produce() -> None:
                 while True:
-                    camera.push(half_white_frame())
+                    camera.push(rgb_frame(WIDTH, HEIGHT, 255, 0))
                     await trio.sleep(1 / FPS)
 
             nursery.start_soon(produce)
@@ -187,14 +142,8 @@ class Rig:
         return result
 
     async def until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
-        """Wait for a CloudStatus that satisfies ``predicate`` (change-driven)."""
         with trio.fail_after(20):
-            while True:
-                seen = self.manager.version
-                status = self.manager.status()
-                if predicate(status):
-                    return status
-                await self.manager.wait_change(seen)
+            return await self.manager.wait_until(predicate)
 
     async def connect(self) -> None:
         await self.manager.connect()
