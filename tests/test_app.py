@@ -619,17 +619,20 @@ async def test_pipeline_request_on_a_dropped_link_is_502_or_503() -> None:
         await s.connected()
         assert s.cloud is not None
         statuses: list[int] = []
+        answered = trio.Event()
 
         async def hammer() -> None:
             for _ in range(40):
                 response = await s.http.get("/api/v1/pipeline/status")
                 statuses.append(response.status_code)
+                answered.set()
                 if response.status_code != 200:
                     return
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hammer)
-            await trio.sleep(0.02)
+            with trio.fail_after(10):
+                await answered.wait()  # requests are flowing before the link drops
             await s.cloud.post("/control/faults", json={"action": "drop_ws"})
         assert set(statuses) <= {200, 502, 503}
         assert 500 not in statuses

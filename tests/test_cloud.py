@@ -191,7 +191,7 @@ async def test_close_4003_is_final_and_never_relinks() -> None:
         assert status["last_close_code"] == 4003
         assert status["error"] == "Cloud connection closed: access denied"
         assert r.manager.supervisor.status.phase is Phase.LINK_DOWN
-        await trio.sleep(1)
+        await trio.sleep(1)  # the window under test: 5x the 0.2 s relink delay, no relink
         assert (await r.cloud_state())["ws_connections"] == 0
 
 
@@ -229,7 +229,7 @@ async def test_disconnect_closes_everything_and_leaks_nothing() -> None:
         assert live_peer_connections() == pcs_before
         assert trio_task_count() == trio_before
         assert asyncio_task_count() <= asyncio_before
-        await trio.sleep(1.5)
+        await trio.sleep(1.5)  # the window under test: well past the 0.2 s relink delay
         assert not r.manager.status()["connecting"], "an intentional disconnect never relinks"
 
 
