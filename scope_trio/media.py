@@ -11,11 +11,13 @@ reconnect supervisor drives it exactly as it drives the fake. Per session:
    the whole connect); a keyframe requested on the inbound video;
 4. inbound frames handed to ``on_frame`` until the session is lost.
 
-Loss signals, each ending the session once with a reason: the peer connection going
-``closed``/``failed`` without us closing it (aiortc reports a lost path as ``closed``; with
-:func:`scope_trio.rtc.tune_ice_consent` a silent path is seen within ~1.5 s), the inbound
-track ending, or no inbound frame for ``stall_timeout`` seconds. The peer connection is
-closed exactly once, shielded and under its own deadline, on every way out.
+Loss signals, each ending the session once with a reason: no datagram at all from the cloud
+for ``path_silence_timeout`` seconds (a dead path, seen in ~1.05 s whatever the round trip),
+the peer connection going ``closed``/``failed`` without us closing it (aiortc reports a lost
+path as ``closed``; with :func:`scope_trio.rtc.tune_ice_consent` ICE consent does so for a
+silent path in ~4 s), the inbound track ending, or no inbound frame for ``stall_timeout``
+seconds. The peer connection is closed exactly once, shielded and under its own deadline, on
+every way out.
 
 Must run inside an open trio-asyncio loop (:func:`scope_trio.rtc.open_loop`).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -31,12 +34,14 @@ from typing import Any, Protocol
 import trio
 from av import VideoFrame
 
-from scope_trio import rtc
+from scope_trio import logs, rtc
 from scope_trio.session import SessionClosedError
 
 logger = logging.getLogger(__name__)
 
 PARAMETERS_CHANNEL = "parameters"
+SILENCE_CONFIRM = 0.05
+"""Seconds a path-silence deadline is re-checked after it passed (see ``path_silence``)."""
 
 
 class Signaling(Protocol):
@@ -65,6 +70,13 @@ class MediaConfig:
     """Without input for this long, black frames are sent (as Scope did)."""
     stall_timeout: float = 2.0
     """No inbound frame for this long (after the first) is a loss."""
+    path_silence_timeout: float = 1.0
+    """No datagram at all from the cloud (RTP, RTCP, STUN, anything) for this long, once
+    connected, is a loss. A long round trip only delays packets; silence means the path is
+    dead. Video never leaves such a gap; without video the answers to our consent checks
+    arrive every consent interval (0.3 s, up to 0.36 s) + RTT, so this must stay above that
+    (1 s covers round trips up to ~0.6 s even with no video and no RTCP at all). ``math.inf``
+    turns it off."""
     first_frame_timeout: float = 10.0
     """No inbound frame at all for this long after connecting is a loss."""
     close_timeout: float = 5.0
@@ -79,10 +91,19 @@ class MediaStats:
 
     offers_sent: int = 0
     offers_successful: int = 0
-    frames_sent_to_cloud: int = 0
     frames_received_from_cloud: int = 0
     sessions: dict[str, str] = field(default_factory=dict)
     """Cloud session id → last connection state."""
+    frames_sent_by_closed_sessions: int = 0
+    live_sources: set[rtc.TrioVideoSource] = field(default_factory=set, repr=False)
+    """Outgoing tracks of the sessions running now; their count is read live."""
+
+    @property
+    def frames_sent_to_cloud(self) -> int:
+        """Frames handed to the encoder for the cloud, by every session, the running one
+        included (read from its track, so the status never lags a live session)."""
+        live = sum(source.frames_sent for source in self.live_sources)
+        return self.frames_sent_by_closed_sessions + live
 
 
 class VideoInput:
@@ -131,6 +152,7 @@ class CloudMediaSession:
         self._user_id = user_id
         self._channel: rtc.RTCDataChannel | None = None
         self._pc: rtc.RTCPeerConnection | None = None
+        self._inbound: rtc.InboundDatagrams | None = None
         self._pc_close_requested = trio.Event()
         self._simulated = False
         self._open = False
@@ -168,13 +190,15 @@ class CloudMediaSession:
         source = rtc.TrioVideoSource(
             fps=self._config.fps, idle_timeout=self._config.idle_black_after
         )
+        self.stats.live_sources.add(source)
         try:
             return await self._run_with(pc, source, params, on_lost, task_status)
         finally:
             self._open = False
             self._input._detach(source)
             source.stop()
-            self.stats.frames_sent_to_cloud += source.frames_sent
+            self.stats.live_sources.discard(source)
+            self.stats.frames_sent_by_closed_sessions += source.frames_sent
             await rtc.close_peer_connection(pc, self._config.close_timeout)
             if self.session_id is not None:
                 self.stats.sessions[self.session_id] = "closed"
@@ -197,6 +221,7 @@ class CloudMediaSession:
         self._input._attach(source)
 
         offer = await rtc.create_offer(pc)
+        self._inbound = rtc.watch_inbound(pc)  # the ICE sockets exist once the offer is made
         fields: dict[str, Any] = {
             "sdp": offer.sdp,
             "sdp_type": offer.type,
@@ -212,6 +237,7 @@ class CloudMediaSession:
         if not isinstance(sdp, str) or not isinstance(session_id, str):
             raise CloudAnswerError("the cloud's answer lacks 'sdp' or 'sessionId'")
         self.session_id = session_id
+        logs.bind_session(session_id)  # this task and its loss watchers log for this session
         self.stats.offers_successful += 1
         await rtc.apply_answer(pc, sdp, str(answer.get("sdp_type", "answer")))
         await events.wait_state("connected")
@@ -245,6 +271,7 @@ class CloudMediaSession:
             nursery.start_soon(watch.connection_state)
             nursery.start_soon(watch.inbound_frames)
             nursery.start_soon(watch.stall)
+            nursery.start_soon(watch.path_silence)
             nursery.start_soon(watch.keyframe_requests)
             nursery.start_soon(watch.close_on_request)
         return watch.reason or "session ended"
@@ -317,6 +344,30 @@ class _LossWatch:
                 self.lost(f"no video from the cloud for {config.stall_timeout:g} s")
                 return
             await trio.sleep(config.stall_timeout - idle)
+
+    async def path_silence(self) -> None:
+        """No datagram at all from the cloud for ``path_silence_timeout``: the path is dead.
+
+        Independent of the round trip, unlike ICE consent (whose checks time out). A deadline
+        that passed is judged only after :data:`SILENCE_CONFIRM` more seconds, so datagrams
+        that arrived while this process was not scheduled (a loaded machine) are read first:
+        silence is "nothing arrived", never "nothing was read yet".
+        """
+        inbound = self.session._inbound
+        timeout = self.config.path_silence_timeout
+        if inbound is None or not math.isfinite(timeout):
+            return
+        since = trio.current_time()
+        while True:
+            silent = trio.current_time() - max(inbound.last_at, since)
+            if silent < timeout:
+                await trio.sleep(timeout - silent)
+                continue
+            seen = inbound.count
+            await trio.sleep(SILENCE_CONFIRM)
+            if inbound.count == seen:
+                self.lost(f"no packets from the cloud for {timeout:g} s (the path went silent)")
+                return
 
     async def keyframe_requests(self) -> None:
         """PLI until a frame decodes: the sender's SSRC is known only once RTP arrives."""

@@ -32,8 +32,10 @@ import asyncio
 import contextlib
 import fractions
 import functools
+import ipaddress
 import logging
 import math
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -57,7 +59,7 @@ from aiortc import (
 )
 from aiortc.exceptions import InvalidStateError
 from aiortc.mediastreams import MediaStreamError
-from aiortc.sdp import candidate_from_sdp
+from aiortc.sdp import SessionDescription, candidate_from_sdp
 from av import VideoFrame
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "FAST_CONSENT",
     "VIDEO_TIME_BASE",
     "ConsentTiming",
+    "InboundDatagrams",
     "InvalidCandidateError",
     "InvalidStateError",
     "MediaStreamError",
@@ -92,6 +95,7 @@ __all__ = [
     "receive_video",
     "request_keyframe",
     "tune_ice_consent",
+    "watch_inbound",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,8 +158,9 @@ _patched_loops: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _ensure_cancellable_executor() -> None:
-    """Give the current trio-asyncio loop the :class:`_AbandoningExecutor` and an exception
-    handler that logs instead of crashing (once per loop).
+    """Give the current trio-asyncio loop the :class:`_AbandoningExecutor`, an exception
+    handler that logs instead of crashing, and a record of the sockets aioice binds
+    (:func:`_record_bound_sockets`), once per loop.
 
     Called for every peer connection, so loops opened without :func:`open_loop` (e.g. a
     test fixture's) are fixed too.
@@ -166,15 +171,43 @@ def _ensure_cancellable_executor() -> None:
     if loop not in _patched_loops:
         loop.set_default_executor(_AbandoningExecutor())
         loop.set_exception_handler(_log_background_error)
+        _record_bound_sockets(loop)
         _patched_loops.add(loop)
+
+
+_bound_sockets: weakref.WeakKeyDictionary[Any, weakref.WeakSet[Any]] = weakref.WeakKeyDictionary()
+"""aioice connection → every socket (``StunProtocol``) bound for it, as soon as it is bound."""
+
+
+def _record_bound_sockets(loop: Any) -> None:
+    """Note every UDP socket aioice binds in ``loop`` under its connection, at once.
+
+    aioice binds one socket per local address and tells its connection about them only once
+    all are bound (``get_component_candidates``): a cancel in between (a stop while the offer
+    is made) loses the sockets bound so far, and ``close()`` can never close them. With this
+    record :func:`close_peer_connection` can. Wraps the loop's own
+    ``create_datagram_endpoint`` (an instance attribute of a loop we own); it adds a weak
+    reference per socket and nothing else.
+    """
+    create = loop.create_datagram_endpoint
+
+    async def create_datagram_endpoint(*args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await create(*args, **kwargs)
+        receiver = getattr(protocol, "receiver", None)
+        if receiver is not None and isinstance(protocol, aioice.ice.StunProtocol):
+            _bound_sockets.setdefault(receiver, weakref.WeakSet()).add(protocol)
+        return transport, protocol
+
+    loop.create_datagram_endpoint = create_datagram_endpoint
 
 
 def _log_background_error(loop: object, context: dict[str, Any]) -> None:
     """Log an error from an aiortc task nobody awaits, instead of ending the whole run.
 
-    aiortc leaves some tasks unawaited (e.g. ``InvalidStateError('RTCIceTransport is
-    closed')`` when a peer connection is closed while it still connects); trio-asyncio's
-    default handler would raise it into the loop's nursery and take the server down.
+    aiortc leaves some tasks unawaited; trio-asyncio's default handler would raise their
+    errors into the loop's nursery and take the server down. The one seen in practice,
+    ``InvalidStateError('RTCIceTransport is closed')`` from a close while connecting, no
+    longer happens (:func:`_cancel_connect_tasks`); this stays as the safety net, loudly.
     """
     exception = context.get("exception")
     logger.warning(
@@ -223,6 +256,22 @@ async def create_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
     return _local_description(pc)
 
 
+_MALFORMED_SDP_ERRORS = (
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    AssertionError,
+    AttributeError,
+    StopIteration,
+)
+"""What aiortc raises on an SDP it cannot use (AttributeError: a section missing parts it
+dereferences, e.g. a truncated offer; StopIteration: a ``next()`` for a codec the offer
+lacks); all of them are the client's error. Inside an aiortc coroutine that StopIteration
+becomes ``RuntimeError("coroutine raised StopIteration")``: see :func:`_malformed`."""
+_SDP_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 async def answer_offer(
     pc: RTCPeerConnection,
     sdp: str,
@@ -244,9 +293,20 @@ async def answer_offer(
     for track in send_tracks:
         if any(t.kind == track.kind and t.sender.track is None for t in pc.getTransceivers()):
             pc.addTrack(track)
-    answer = await aio(pc.createAnswer)
-    await aio(pc.setLocalDescription, answer)
+    try:  # a malformed offer that aiortc took can still break its answer
+        answer = await aio(pc.createAnswer)
+        await aio(pc.setLocalDescription, answer)
+    except (*_MALFORMED_SDP_ERRORS, RuntimeError) as exc:
+        raise _malformed(exc, "malformed SDP: cannot answer it") from exc
     return _local_description(pc)
+
+
+def _malformed(exc: Exception, what: str) -> ValueError:
+    """``exc`` from aiortc, on a bad SDP, as the ValueError to raise; re-raises anything
+    else (a RuntimeError that is not a StopIteration in a coroutine is not the SDP's)."""
+    if isinstance(exc, RuntimeError) and not isinstance(exc.__cause__, StopIteration):
+        raise exc
+    return ValueError(f"{what}: {str(exc) or type(exc).__name__}")
 
 
 async def apply_answer(pc: RTCPeerConnection, sdp: str, sdp_type: str = "answer") -> None:
@@ -262,11 +322,20 @@ async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
     # aiortc accepts text without any media section (and answers it with nothing useful).
     if not sdp.lstrip().startswith("v=") or "\nm=" not in sdp:
         raise ValueError("malformed SDP: no session or media section")
+    # SDP is text lines (RFC 8866): a NUL or another control character is never valid, and
+    # aiortc takes some of them into identifiers it later fails on in a background task.
+    if _SDP_CONTROL_CHARACTERS.search(sdp):
+        raise ValueError("malformed SDP: control characters")
     try:
+        # Without these DTLS can never start: aiortc would fail later, in a background task.
+        for media in SessionDescription.parse(sdp).media:
+            if media.dtls is None or not media.dtls.fingerprints:
+                raise ValueError(f"the {media.kind} section has no DTLS fingerprint or setup")
         description = RTCSessionDescription(sdp=sdp, type=sdp_type)
+        _remember_ice_connections(pc)  # BUNDLE may discard some: the close must still find them
         await aio(pc.setRemoteDescription, description)
-    except (ValueError, IndexError, KeyError, TypeError, AssertionError) as exc:
-        raise ValueError(f"malformed SDP: {exc}") from exc
+    except (*_MALFORMED_SDP_ERRORS, RuntimeError) as exc:
+        raise _malformed(exc, "malformed SDP") from exc
 
 
 def _local_description(pc: RTCPeerConnection) -> RTCSessionDescription:
@@ -287,8 +356,9 @@ async def close_peer_connection(
 
     The first call runs ``pc.close()`` shielded under ``timeout``; later or concurrent calls
     only wait (shielded, same bound) for that first close. Returns True when the close has
-    completed, False if it did not finish within ``timeout`` (logged; the peer connection is
-    then abandoned, never closed a second time because that would hang forever).
+    completed, False if it did not finish within ``timeout`` or aiortc's close failed
+    (logged; the peer connection's UDP sockets are then closed and it is abandoned, never
+    closed a second time because that would hang forever).
     """
     done = _close_done.get(pc)
     if done is not None:
@@ -296,18 +366,35 @@ async def close_peer_connection(
             await done.wait()
         return done.is_set()
     done = _close_done[pc] = trio.Event()
-    connections = _ice_connections(pc)  # found before close() takes the transports apart
+    connections = _remember_ice_connections(pc)  # before close() takes the transports apart
+    _cancel_connect_tasks(pc)
+    failure: Exception | None = None
+    left_over = 0
     try:
         with trio.move_on_after(timeout, shield=True) as scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_recancel_stuck_senders, pc)
-                await aio(pc.close)
+                try:
+                    await aio(pc.close)
+                except Exception as exc:  # reported below, once its sockets are released
+                    failure = exc
                 nursery.cancel_scope.cancel()
         _reap_consent_checks(connections)
+        left_over = _close_left_over_sockets(connections)
     finally:
         done.set()
+    if failure is not None:
+        # aiortc's close() stops at the first transceiver a malformed offer left without
+        # its transport, leaving the rest open: free what it did not.
+        logger.warning(
+            "RTCPeerConnection.close() failed (%s: %s); closed its %d UDP socket(s)",
+            type(failure).__name__,
+            failure,
+            left_over + _release_sockets(pc),
+        )
+        return False
     if scope.cancelled_caught:
-        released = _release_sockets(pc)
+        released = left_over + _release_sockets(pc)
         logger.warning(
             "RTCPeerConnection.close() did not finish within %.1f s; abandoned it and closed "
             "its %d UDP socket(s)",
@@ -345,8 +432,10 @@ def _reap_consent_checks(connections: list[Any], *, again: tuple[float, ...] = (
 
     aioice starts consent freshness checks when ICE completes. When a close lands between
     "completed" and the start of those checks, they begin after the connection closed and
-    run forever (a task leak per such close, seen by benchmarks/stop_latency.py). The later
-    passes are plain asyncio timers, owned by the loop (cancelled with it).
+    run forever (a task leak per such close, seen by benchmarks/stop_latency.py). Since
+    :func:`_cancel_connect_tasks` cancels the only task that starts them, this is a
+    backstop (for an aiortc that renamed that task). The later passes are plain asyncio
+    timers, owned by the loop (cancelled with it).
     """
     for connection in connections:
         task = getattr(connection, "_query_consent_task", None)
@@ -360,6 +449,69 @@ def _reap_consent_checks(connections: list[Any], *, again: tuple[float, ...] = (
             )
 
 
+_AIORTC_CONNECT = getattr(RTCPeerConnection, "_RTCPeerConnection__connect", None)
+
+
+def _cancel_connect_tasks(pc: RTCPeerConnection) -> None:
+    """Cancel ``pc``'s connect task before ``close()``, so it cannot fail unawaited.
+
+    ``setLocalDescription``/``setRemoteDescription`` start aiortc's private
+    ``RTCPeerConnection.__connect`` with ``ensure_future`` and nobody awaits it. It starts the
+    transports one after the other (ICE, DTLS, then the next transport's ICE) and does not
+    look at the closed flag between them: a close that lands after ICE completed, during the
+    DTLS handshake, makes it start the SCTP transport's ICE, which close() has just stopped,
+    and it fails with ``InvalidStateError('RTCIceTransport is closed')`` that no one
+    retrieves (10 per 500 start/stop cycles in benchmarks/stop_latency.py, all from stops
+    while connecting). Cancelled first, it ends at the await it is in; ``close()`` then stops
+    whatever it had started, as before. It is also the only task that runs aioice's
+    ``connect()``, which starts the consent checks: cancelled, it can no longer start them
+    after the close (see :func:`_reap_consent_checks`). Found among the loop's tasks by its
+    code object; a no-op if aiortc renames it.
+    """
+    connect_code = getattr(_AIORTC_CONNECT, "__code__", None)
+    loop = trio_asyncio.current_loop.get()
+    if connect_code is None or loop is None:
+        return
+    for task in asyncio.all_tasks(loop):
+        coro = task.get_coro()
+        frame = getattr(coro, "cr_frame", None)
+        if (
+            not task.done()
+            and getattr(coro, "cr_code", None) is connect_code
+            and frame is not None
+            and frame.f_locals.get("self") is pc
+        ):
+            task.cancel()
+
+
+def _close_left_over_sockets(connections: list[Any]) -> int:
+    """After ``close()``: close every UDP socket of these connections still open; how many.
+
+    Two interrupted aioice operations leave sockets that ``close()`` never reaches (each kept
+    its file descriptor and trio-asyncio's reader task forever: +1 or +2 of each per such
+    stop in benchmarks/stop_latency.py):
+
+    * BUNDLE: applying the answer replaces the data channel's transport by the video's and
+      closes the replaced ICE connection inside ``setRemoteDescription``. A stop that cancels
+      it there interrupts that close between two sockets, and the pc no longer references
+      that connection. :func:`_set_remote` remembers the connections beforehand, so they are
+      among ``connections``.
+    * Gathering: a cancel while aioice binds the sockets loses those bound so far; the
+      connection does not know them, :func:`_record_bound_sockets` does.
+    """
+    closed = 0
+    for connection in connections:
+        protocols = [*getattr(connection, "_protocols", []), *_bound_sockets.get(connection, ())]
+        for protocol in protocols:
+            transport = getattr(protocol, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
+                closed += 1
+    if closed:
+        logger.debug("closed %d UDP socket(s) an interrupted ICE operation left open", closed)
+    return closed
+
+
 def _release_sockets(pc: RTCPeerConnection) -> int:
     """Close the UDP sockets of an abandoned peer connection, so it leaks no file descriptor.
 
@@ -367,12 +519,11 @@ def _release_sockets(pc: RTCPeerConnection) -> int:
     half-closed peer connection down; only used after ``close()`` itself gave up.
     """
     released = 0
-    for connection in _ice_connections(pc):
-        for protocol in list(getattr(connection, "_protocols", [])):
-            transport = getattr(protocol, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-                released += 1
+    for protocol in _ice_protocols(pc):
+        transport = getattr(protocol, "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            released += 1
     return released
 
 
@@ -682,9 +833,56 @@ def parse_ice_candidate(data: Mapping[str, Any] | None) -> RTCIceCandidate | Non
         candidate = candidate_from_sdp(text)
     except (ValueError, IndexError, AssertionError) as exc:  # aiortc asserts the field count
         raise InvalidCandidateError(f"malformed ICE candidate {text!r}: {exc}") from exc
+    problem = _candidate_problem(text, candidate)
+    if problem is not None:
+        raise InvalidCandidateError(f"malformed ICE candidate {text!r}: {problem}")
     candidate.sdpMid = sdp_mid
     candidate.sdpMLineIndex = index
     return candidate
+
+
+_ICE_FOUNDATION = re.compile(r"[A-Za-z0-9+/]{1,32}")
+_MDNS_HOST = re.compile(r"[A-Za-z0-9-]+\.local")
+
+
+def _candidate_problem(text: str, candidate: RTCIceCandidate) -> str | None:
+    """What makes a parsed candidate invalid (RFC 8839 section 5.1), or None.
+
+    aiortc's parser reads any eight words; aioice then drops what it cannot use without a
+    word, so a candidate that will never be tried would still be "accepted". The address must
+    be an IP address or an mDNS ``.local`` name (aioice resolves nothing else).
+    """
+    words = text.split()
+    ports = (candidate.port, candidate.relatedPort)
+    checks = (
+        (words[6] == "typ", "expected 'typ' before the candidate type"),
+        (len(words) % 2 == 0, "an extension attribute has no value"),
+        (
+            _ICE_FOUNDATION.fullmatch(candidate.foundation) is not None,
+            "the foundation must be 1-32 letters, digits, '+' or '/'",
+        ),
+        (1 <= candidate.component <= 256, "the component id must be 1-256"),
+        (candidate.protocol.lower() in ("udp", "tcp"), "the transport must be udp or tcp"),
+        (1 <= candidate.priority <= 2**31 - 1, "the priority must be 1 to 2^31-1"),
+        (
+            _MDNS_HOST.fullmatch(candidate.ip) is not None or _is_ip_address(candidate.ip),
+            "the address must be an IP address or an mDNS .local name",
+        ),
+        (all(p is None or 0 <= p <= 65535 for p in ports), "a port must be 0-65535"),
+        (
+            candidate.type in ("host", "srflx", "prflx", "relay"),
+            "the type must be host, srflx, prflx or relay",
+        ),
+    )
+    return next((problem for ok, problem in checks if not ok), None)
+
+
+def _is_ip_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 async def add_ice_candidate(pc: RTCPeerConnection, candidate: RTCIceCandidate | None) -> None:
@@ -693,6 +891,15 @@ async def add_ice_candidate(pc: RTCPeerConnection, candidate: RTCIceCandidate | 
         # aiortc gathers all candidates up front and has no end-of-candidates call that
         # changes anything for us: nothing to do.
         return
+    # aiortc ignores a candidate for a media section the session does not have: say so.
+    sections = pc.remoteDescription.sdp.count("\nm=") if pc.remoteDescription else 0
+    mids = {t.mid for t in pc.getTransceivers()} | {pc.sctp.mid if pc.sctp else None}
+    if candidate.sdpMid is not None and candidate.sdpMid not in mids:
+        raise InvalidCandidateError(f"ICE candidate for unknown sdpMid {candidate.sdpMid!r}")
+    if candidate.sdpMid is None and not 0 <= (candidate.sdpMLineIndex or 0) < sections:
+        raise InvalidCandidateError(
+            f"ICE candidate for media section {candidate.sdpMLineIndex} of {sections}"
+        )
     try:
         await aio(pc.addIceCandidate, candidate)
     except (ValueError, IndexError, KeyError) as exc:
@@ -707,9 +914,13 @@ async def add_ice_candidate(pc: RTCPeerConnection, candidate: RTCIceCandidate | 
 class ConsentTiming:
     """aioice's ICE consent-freshness timing.
 
-    A path whose consent checks all fail is declared lost (``connectionState`` → ``closed``)
-    after roughly ``failures * (interval + rto)`` seconds. ``rto`` is also the first STUN
-    retransmission timeout, so it shortens the first-connect timeout too.
+    aioice sends one check every ``interval`` (± 20 %), waits for the answer, and gives up
+    on it after ``rto`` seconds with no retransmission (``query_consent`` uses
+    ``retransmissions=0``): every check on a path whose round trip exceeds ``rto`` fails.
+    ``failures`` failed checks in a row close the connection (``connectionState`` →
+    ``closed``), about ``failures * (interval + rto)`` seconds after a path went silent.
+    ``rto`` is also the first STUN retransmission timeout of the connectivity checks, so it
+    sets how long a first connect to an unreachable peer takes to fail (``127 * rto``).
     """
 
     interval: float
@@ -720,8 +931,17 @@ class ConsentTiming:
 AIOICE_DEFAULT_CONSENT = ConsentTiming(interval=5.0, failures=6, rto=0.5)
 """aioice's own defaults: a silent path is detected after about 31 s."""
 
-FAST_CONSENT = ConsentTiming(interval=0.3, failures=3, rto=0.2)
-"""A silent path detected in about 1.25-1.5 s; a healthy 30 s stream saw no false loss."""
+FAST_CONSENT = ConsentTiming(interval=0.3, failures=3, rto=1.0)
+"""Frequent checks with a timeout safe for real round trips: what the server uses.
+
+The checks go out every ~0.3 s, so even without video the peer's answers arrive every
+0.3 s + RTT: that keeps :class:`scope_trio.media.CloudMediaSession`'s path-silence signal
+(no datagram for 1 s: the path is dead, detected in ~1.05 s whatever the RTT) from firing
+during a pause. The 1 s timeout lets every check pass on paths with up to 1 s of round trip;
+consent then closes a silent path after ~3.5-4 s, a backstop behind path silence. (The
+previous tuning, 0.2 s, failed every check once the RTT passed 200 ms: a healthy stream to
+a distant cloud was declared lost ~1.5 s after it connected, again and again.)
+"""
 
 
 def get_ice_consent() -> ConsentTiming:
@@ -742,6 +962,7 @@ def tune_ice_consent(
 
     These are module constants of aioice read at run time: the interval applies to running
     connections from their next check on, ``rto`` to STUN transactions started afterwards.
+    Keep ``rto`` above the longest round trip a path may have (see :class:`ConsentTiming`).
     Restore with ``tune_ice_consent(**dataclasses.asdict(previous))``.
     """
     if interval <= 0 or rto <= 0 or failures < 1:
@@ -754,26 +975,82 @@ def tune_ice_consent(
 
 
 # --------------------------------------------------------------------------------------------
-# Fault injection
+# The ICE sockets: inbound activity, and fault injection
 
 
-def install_datagram_filter(pc: RTCPeerConnection, drop: Callable[[], bool]) -> int:
-    """Make ``pc``'s ICE sockets silently drop every datagram while ``drop()`` is true.
+class InboundDatagrams:
+    """When a peer connection's ICE sockets last received anything (:func:`watch_inbound`).
 
-    Both directions are filtered (STUN, DTLS, RTP): the peer sees a silent path, no close and
-    no BYE. For fault injection only. Call after the local description is set (the sockets
-    exist once candidates are gathered). Returns the number of sockets filtered. Relies on
-    aioice internals (``Connection._protocols``, ``StunProtocol.send_stun``/``send_data``/
-    ``datagram_received``).
+    Every datagram counts: RTP, RTCP, DTLS, STUN requests and responses, even the late answer
+    to a consent check that already timed out. A long round trip only delays packets, so
+    "nothing at all for T seconds" means a dead path whatever the RTT, provided the peer
+    sends something more often than every T seconds: video does, and without video the
+    answers to our consent checks do (every consent interval + RTT) as do the peer's RTCP
+    reports (every 0.5-1.5 s in aiortc).
     """
+
+    def __init__(self) -> None:
+        self.count = 0
+        """Datagrams received since the watch began."""
+        self.last_at = trio.current_time()
+        """``trio.current_time()`` of the last one (of the watch's start before the first)."""
+
+    def _received(self) -> None:
+        self.count += 1
+        self.last_at = trio.current_time()
+
+
+def watch_inbound(pc: RTCPeerConnection) -> InboundDatagrams:
+    """Stamp every datagram ``pc``'s ICE sockets receive, from now on.
+
+    Call after the local description is set (the sockets exist once candidates are gathered);
+    must be called inside the open loop. A datagram that a fault filter drops
+    (:func:`install_datagram_filter`) was never received; a delayed one counts on delivery.
+    """
+    loop = _current_loop()
+    inbound = InboundDatagrams()
+    for protocol in _ice_protocols(pc):
+        _tap(protocol, loop).observers.append(inbound._received)
+    return inbound
+
+
+def install_datagram_filter(
+    pc: RTCPeerConnection,
+    drop: Callable[[], bool],
+    *,
+    delay: Callable[[], float] | None = None,
+) -> int:
+    """Make ``pc``'s ICE sockets drop every datagram while ``drop()`` is true, and hold every
+    other one ``delay()`` seconds (0: none) in each direction.
+
+    Both directions are filtered (STUN, DTLS, RTP, RTCP): while dropping, the peer sees a
+    silent path, no close and no BYE; a delay adds twice its value to every round trip (a
+    delayed datagram is discarded if its socket closed meanwhile). For fault injection only.
+    Call after the local description is set; calling again replaces the filter. Returns the
+    number of sockets filtered.
+    """
+    loop = _current_loop()
     count = 0
-    for connection in _ice_connections(pc):
-        for protocol in list(getattr(connection, "_protocols", [])):
-            if getattr(protocol, "_scope_trio_filtered", False):
-                continue
-            _filter_protocol(protocol, drop)
-            count += 1
+    for protocol in _ice_protocols(pc):
+        tap = _tap(protocol, loop)
+        tap.drop = drop
+        tap.delay = delay or _no_delay
+        count += 1
     return count
+
+
+_known_connections: weakref.WeakKeyDictionary[RTCPeerConnection, list[Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _remember_ice_connections(pc: RTCPeerConnection) -> list[Any]:
+    """Every aioice connection ``pc`` has had so far (those BUNDLE discarded included)."""
+    known = _known_connections.setdefault(pc, [])
+    for connection in _ice_connections(pc):
+        if all(c is not connection for c in known):
+            known.append(connection)
+    return list(known)
 
 
 def _ice_connections(pc: RTCPeerConnection) -> list[Any]:
@@ -782,7 +1059,8 @@ def _ice_connections(pc: RTCPeerConnection) -> list[Any]:
         dtls = transceiver.receiver.transport
         if dtls is not None:
             transports.append(dtls.transport)
-    if pc.sctp is not None:
+    # A malformed offer can leave an SCTP transport without its DTLS transport.
+    if pc.sctp is not None and pc.sctp.transport is not None:
         transports.append(pc.sctp.transport.transport)
     connections: list[Any] = []
     for ice_transport in transports:
@@ -792,24 +1070,107 @@ def _ice_connections(pc: RTCPeerConnection) -> list[Any]:
     return connections
 
 
-def _filter_protocol(protocol: Any, drop: Callable[[], bool]) -> None:
-    send_stun = protocol.send_stun
-    send_data = protocol.send_data
-    datagram_received = protocol.datagram_received
+def _ice_protocols(pc: RTCPeerConnection) -> list[Any]:
+    """The aioice protocols (one per local socket) of every ICE connection of ``pc``."""
+    return [
+        protocol
+        for connection in _ice_connections(pc)
+        for protocol in list(getattr(connection, "_protocols", []))
+    ]
 
-    def filtered_send_stun(message: Any, addr: tuple[str, int]) -> None:
-        if not drop():
-            send_stun(message, addr)
 
-    async def filtered_send_data(data: bytes, addr: tuple[str, int]) -> None:
-        if not drop():
-            await send_data(data, addr)
+def _current_loop() -> asyncio.AbstractEventLoop:
+    loop: asyncio.AbstractEventLoop | None = trio_asyncio.current_loop.get()
+    if loop is None:
+        raise RuntimeError("aiortc needs an open trio-asyncio loop (rtc.open_loop())")
+    return loop
 
-    def filtered_datagram_received(data: bytes, addr: tuple[Any, ...]) -> None:
-        if not drop():
-            datagram_received(data, addr)
 
-    protocol.send_stun = filtered_send_stun
-    protocol.send_data = filtered_send_data
-    protocol.datagram_received = filtered_datagram_received
-    protocol._scope_trio_filtered = True
+def _never() -> bool:
+    return False
+
+
+def _no_delay() -> float:
+    return 0.0
+
+
+class _DatagramTap:
+    """The one wrapper around an aioice protocol's datagram paths, shared by all its users.
+
+    aioice has no hook for this: the protocol instance's ``send_stun``, ``send_data`` and
+    ``datagram_received`` are replaced once (``StunProtocol`` internals, the same in aioice
+    0.10 and 0.13), and what users want is state of the tap: ``drop`` and ``delay`` (fault
+    injection, :func:`install_datagram_filter`) and ``observers`` (:func:`watch_inbound`),
+    called for every datagram received after drop and delay. Delays are asyncio timers,
+    owned by the loop.
+    """
+
+    def __init__(self, protocol: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.protocol = protocol
+        self.loop = loop
+        self.drop: Callable[[], bool] = _never
+        self.delay: Callable[[], float] = _no_delay
+        self.observers: list[Callable[[], None]] = []
+        self._send_stun = protocol.send_stun
+        self._send_data = protocol.send_data
+        self._datagram_received = protocol.datagram_received
+        protocol.send_stun = self.send_stun
+        protocol.send_data = self.send_data
+        protocol.datagram_received = self.datagram_received
+
+    def _open(self) -> bool:
+        transport = getattr(self.protocol, "transport", None)
+        return transport is not None and not transport.is_closing()
+
+    def send_stun(self, message: Any, addr: tuple[str, int]) -> None:
+        if self.drop():
+            return
+        delay = self.delay()
+        if delay > 0:
+            self.loop.call_later(delay, self._send_stun_later, message, addr)
+        else:
+            self._send_stun(message, addr)
+
+    def _send_stun_later(self, message: Any, addr: tuple[str, int]) -> None:
+        if self._open():
+            self._send_stun(message, addr)
+
+    async def send_data(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.drop():
+            return
+        delay = self.delay()
+        if delay > 0:  # not awaited: the sender goes on, as it would on a long path
+            self.loop.call_later(delay, self._send_data_later, data, addr)
+        else:
+            await self._send_data(data, addr)
+
+    def _send_data_later(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self._open():  # what StunProtocol.send_data does, without the coroutine
+            self.protocol.transport.sendto(data, addr)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.drop():
+            return
+        delay = self.delay()
+        if delay > 0:
+            self.loop.call_later(delay, self._deliver_later, data, addr)
+        else:
+            self._deliver(data, addr)
+
+    def _deliver_later(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self._open():
+            self._deliver(data, addr)
+
+    def _deliver(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        for observer in self.observers:
+            observer()
+        self._datagram_received(data, addr)
+
+
+def _tap(protocol: Any, loop: asyncio.AbstractEventLoop) -> _DatagramTap:
+    """The protocol's :class:`_DatagramTap`, installed on first use."""
+    tap = getattr(protocol, "_scope_trio_tap", None)
+    if not isinstance(tap, _DatagramTap):
+        tap = _DatagramTap(protocol, loop)
+        protocol._scope_trio_tap = tap
+    return tap
