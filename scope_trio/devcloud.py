@@ -18,6 +18,14 @@ Ownership (everything is owned by a nursery):
 * A bad message never ends a WebSocket: it is answered with ``error`` (carrying the
   ``request_id`` when there is one), and the connection goes on.
 
+Hostile mode (``DevCloudConfig.hostile``, ``--hostile``, or the ``hostile`` fault for a
+while) surrounds every message the devcloud sends after ``ready`` with a burst of garbage
+(:data:`HOSTILE_KINDS`): non-JSON, binary frames, unknown types, replies to requests never
+made, wrong request ids, the api key echoed back. The ``garbage`` fault sends any of
+:data:`GARBAGE_KINDS` at once (huge ones included), and ``malform`` gives the next replies
+of one type the right ``request_id`` and the wrong shape. ``withhold_ready`` keeps ``ready`` from the next connections; ``send_error`` sends an
+unsolicited ``error`` (e.g. ``MAX_DURATION_EXCEEDED``) and then closes.
+
 Deviations from the real runner, on purpose: messages before ``set_user_id`` are answered
 unless ``require_user_id`` is set; ICE servers are always an empty list (loopback); the media
 pipelines are trivial and run on the event loop thread.
@@ -29,6 +37,7 @@ import argparse
 import contextlib
 import gc
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -37,7 +46,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -51,6 +60,8 @@ from quart_trio import QuartTrio
 from scope_trio import rtc
 
 __all__ = [
+    "GARBAGE_KINDS",
+    "MALFORMABLE_REPLIES",
     "PIPELINES",
     "DevCloud",
     "DevCloudConfig",
@@ -67,6 +78,7 @@ PIPELINES = ("passthrough", "invert")
 """Pipelines the devcloud can load: the first of ``pipeline_ids`` in a load request is used."""
 
 CLOSE_ACCESS_DENIED = 4003
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 SESSION_CLOSE_TIMEOUT = 5.0
 """Bound on closing one peer connection (shielded), so a shutdown always finishes."""
@@ -92,6 +104,13 @@ class DevCloudConfig:
     """How long a pipeline load stays ``loading`` before it is ``loaded``."""
     graceful_timeout: float = 2.0
     """Hypercorn's bound on draining connections at shutdown."""
+    connect_deadline: float = 30.0
+    """A peer connection not connected this long after its answer is closed. aioice's
+    answering side waits for a nomination without a deadline of its own: an offerer that
+    gave up mid-ICE (a stop while connecting) would otherwise leave a session "checking"
+    until its WebSocket ends."""
+    hostile: bool = False
+    """Surround every message sent after ``ready`` with garbage (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.pipeline not in PIPELINES:
@@ -134,6 +153,13 @@ class _Faults:
     stall_offers: int = 0
     stall_media_until: float = -math.inf
     blackhole_all_until: float = -math.inf
+    withhold_ready: int = 0
+    hostile_until: float = -math.inf
+    malform: dict[str, int] = field(default_factory=dict)
+    """Reply type → how many of the next replies of that type get the wrong shape."""
+    latency: float = 0.0
+    """Seconds every session datagram is held in each direction, until ``latency_until``."""
+    latency_until: float = -math.inf
 
     def snapshot(self, now: float) -> dict[str, Any]:
         return {
@@ -141,7 +167,91 @@ class _Faults:
             "stall_offers": self.stall_offers,
             "stall_media_seconds": max(0.0, self.stall_media_until - now),
             "blackhole_all_seconds": max(0.0, self.blackhole_all_until - now),
+            "withhold_ready": self.withhold_ready,
+            "hostile_seconds": max(0.0, self.hostile_until - now),
+            "malform": {kind: count for kind, count in self.malform.items() if count > 0},
+            "latency_seconds": max(0.0, self.latency_until - now),
         }
+
+
+GARBAGE_KINDS = (
+    "text",
+    "binary",
+    "array",
+    "no_type",
+    "unknown_type",
+    "wrong_request_id",
+    "unhashable_request_id",
+    "unrequested_reply",
+    "unrequested_error",
+    "bad_logs",
+    "ready_again",
+    "echo_key",
+    "huge_text",
+    "huge_binary",
+)
+"""What the ``garbage`` fault can send; ``echo_key`` quotes the configured api key back
+(a hostile cloud that repeats the client's secret), the ``huge_*`` kinds are ``size`` bytes."""
+
+HOSTILE_KINDS = tuple(kind for kind in GARBAGE_KINDS if not kind.startswith("huge_"))
+"""What hostile mode cycles through around real traffic (nothing huge)."""
+
+MALFORMABLE_REPLIES = ("answer", "ice_servers", "api_response")
+"""Reply types the ``malform`` fault can give the wrong shape (keeping the request_id)."""
+
+DEFAULT_HUGE_SIZE = 2 * 1024 * 1024
+"""``size`` of the huge garbage kinds unless given: twice trio-websocket's 1 MiB limit."""
+
+
+def garbage_frame(
+    kind: str, *, size: int = DEFAULT_HUGE_SIZE, api_key: str | None = None
+) -> str | bytes:
+    """One frame of garbage of ``kind`` (one of :data:`GARBAGE_KINDS`)."""
+    nobody = uuid.uuid4().hex  # a request id nobody sent
+    messages: dict[str, Any] = {
+        "text": "this is not JSON {",
+        "binary": b"\x00\xff\x00 binary noise \x80",
+        "array": "[1, 2, 3]",
+        "no_type": {"hello": "world"},
+        "unknown_type": {"type": "mystery", "payload": {"nested": [1, 2]}},
+        "wrong_request_id": {
+            "type": "answer",
+            "request_id": f"not-{nobody}",
+            "sdp": "v=0",
+            "sdp_type": "answer",
+            "sessionId": "nobody",
+        },
+        "unhashable_request_id": {"type": "pong", "request_id": ["not", "hashable"]},
+        "unrequested_reply": {
+            "type": "api_response",
+            "request_id": nobody,
+            "status": 200,
+            "data": {},
+        },
+        "unrequested_error": {"type": "error", "request_id": nobody, "error": "no such request"},
+        "bad_logs": {"type": "logs", "lines": "not a list"},
+        "ready_again": {"type": "ready", "connection_id": "again"},
+        "echo_key": f"not JSON either; your key was Key {api_key}",
+        "huge_text": {"type": "mystery", "blob": "x" * size},
+        "huge_binary": b"\x00" * size,
+    }
+    if kind not in messages:
+        raise ValueError(f"unknown garbage kind {kind!r}; known: {', '.join(GARBAGE_KINDS)}")
+    message = messages[kind]
+    return message if isinstance(message, (str, bytes)) else json.dumps(message)
+
+
+def _malformed(reply: Mapping[str, Any]) -> dict[str, Any]:
+    """``reply`` with its request_id and type kept and its shape broken."""
+    kind, request_id = reply.get("type"), reply.get("request_id")
+    broken: dict[str, Any] = {"type": kind, "request_id": request_id}
+    if kind == "answer":
+        broken["sessionId"] = reply.get("sessionId")  # and no sdp
+    elif kind == "ice_servers":
+        broken.update(data={"iceServers": "stun:not-a-list"}, status=200)
+    elif kind == "api_response":
+        broken.update(status="two hundred", data=["not", "an", "object"])
+    return broken
 
 
 class _ProtocolError(Exception):
@@ -169,6 +279,11 @@ class _CloudSession:
         until = max(self.blackhole_until, self.cloud.faults.blackhole_all_until)
         return time.monotonic() < until
 
+    def latency(self) -> float:
+        """Seconds to hold each datagram (the ``latency`` fault), 0 for none."""
+        faults = self.cloud.faults
+        return faults.latency if time.monotonic() < faults.latency_until else 0.0
+
     async def run(self) -> None:
         """Echo media and record parameters until closed (by either side or a fault).
 
@@ -188,8 +303,18 @@ class _CloudSession:
             logger.info("devcloud session %s closed", self.id)
 
     async def _watch_state(self, scope: trio.CancelScope) -> None:
-        state = await self.events.wait_state("closed", "failed")
-        logger.info("devcloud session %s: connection %s", self.id, state)
+        deadline = self.cloud.config.connect_deadline
+        state: str | None = None
+        with trio.move_on_after(deadline):
+            state = await self.events.wait_state("connected", "closed", "failed")
+        if state is None:
+            logger.warning(
+                "devcloud session %s: not connected within %g s; closing it", self.id, deadline
+            )
+        else:
+            if state == "connected":
+                state = await self.events.wait_state("closed", "failed")
+            logger.info("devcloud session %s: connection %s", self.id, state)
         scope.cancel()
 
     async def _tracks(self, nursery: trio.Nursery) -> None:
@@ -235,20 +360,37 @@ async def _drain(track: rtc.MediaStreamTrack) -> None:
             await rtc.aio(track.recv)
 
 
+_Outgoing = tuple[list[str | bytes], tuple[int, str] | None]
+"""Frames a fault sends on one WebSocket, then the close (code, reason) to follow, if any."""
+
+
 class _WsConnection:
     """One signaling WebSocket: its identity, its sessions and its pending commands."""
 
-    def __init__(self, ws: Websocket) -> None:
+    def __init__(self, ws: Websocket, noise: Callable[[], list[str | bytes]] | None = None) -> None:
         self.ws = ws
         self.connection_id = uuid.uuid4().hex[:8]
         self.user_id: str | None = None
         self.sessions: dict[str, _CloudSession] = {}
         self.commands_send, self.commands = trio.open_memory_channel[tuple[str, int, str]](math.inf)
+        self.outbox_send, self.outbox = trio.open_memory_channel[_Outgoing](math.inf)
         self.send_lock = trio.Lock()
+        self._noise = noise or list
 
     async def send(self, message: Mapping[str, Any]) -> None:
+        """Send one message; in hostile mode with garbage around it (none before ``ready``)."""
+        before = self._noise() if message.get("type") != "ready" else []
+        await self.send_frames([*before, json.dumps(message), *self._noise()])
+
+    async def send_frames(self, frames: Sequence[str | bytes]) -> None:
+        """Send ``frames`` back to back: nothing else goes out between them."""
         async with self.send_lock:
-            await self.ws.send(json.dumps(message))
+            for frame in frames:
+                # Two calls, so each has one type: quart 0.20 types send() with AnyStr.
+                if isinstance(frame, bytes):
+                    await self.ws.send(frame)
+                else:
+                    await self.ws.send(frame)
 
 
 class DevCloud:
@@ -276,6 +418,7 @@ class DevCloud:
         self.initial_parameters: dict[str, Any] | None = None
         self.parameter_updates = 0
         self._load_generation = 0
+        self._noise_turns = itertools.count()
 
     # -- state --------------------------------------------------------------------------
 
@@ -336,6 +479,12 @@ class DevCloud:
             "stall_offers": self._fault_stall_offers,
             "stall_media": self._fault_stall_media,
             "clear": self._fault_clear,
+            "withhold_ready": self._fault_withhold_ready,
+            "send_error": self._fault_send_error,
+            "garbage": self._fault_garbage,
+            "hostile": self._fault_hostile,
+            "malform": self._fault_malform,
+            "latency": self._fault_latency,
         }
 
     def _fault_close_pc(self, body: Mapping[str, Any], now: float) -> int:
@@ -352,6 +501,13 @@ class DevCloud:
             session.blackhole_until = now + seconds
         if scope == "all":
             self.faults.blackhole_all_until = now + seconds
+        return len(self.sessions)
+
+    def _fault_latency(self, body: Mapping[str, Any], now: float) -> int:
+        """Hold every datagram of every session (existing and new) ``ms`` milliseconds in
+        each direction for ``seconds``: the round trip grows by twice ``ms``, nothing is lost."""
+        self.faults.latency = _number(body, "ms") / 1000
+        self.faults.latency_until = now + _number(body, "seconds")
         return len(self.sessions)
 
     def _fault_close_ws(self, body: Mapping[str, Any], now: float) -> int:
@@ -386,6 +542,66 @@ class DevCloud:
             session.blackhole_until = -math.inf
         return 0
 
+    def _fault_withhold_ready(self, body: Mapping[str, Any], now: float) -> int:
+        self.faults.withhold_ready = int(_number(body, "count", 1))
+        return self.faults.withhold_ready
+
+    def _fault_send_error(self, body: Mapping[str, Any], now: float) -> int:
+        """An unsolicited ``error`` on every WebSocket, then (unless ``close`` is null) a
+        close with that code, as the real runner does at ``MAX_DURATION_EXCEEDED``."""
+        error: dict[str, Any] = {"type": "error", "error": str(body.get("error", "Error (fault)"))}
+        if body.get("code") is not None:
+            error["code"] = str(body["code"])
+        close: tuple[int, str] | None = None
+        if body.get("close", CLOSE_NORMAL) is not None:
+            code = int(_number(body, "close", CLOSE_NORMAL))
+            if not 1000 <= code <= 4999:
+                raise ValueError("close must be a WebSocket close code (1000-4999) or null")
+            close = (code, str(body.get("reason", "")))
+        for connection in self.connections:
+            connection.outbox_send.send_nowait(([json.dumps(error)], close))
+        return len(self.connections)
+
+    def _fault_garbage(self, body: Mapping[str, Any], now: float) -> int:
+        kinds = body.get("kinds", list(HOSTILE_KINDS))
+        if not isinstance(kinds, list) or not all(k in GARBAGE_KINDS for k in kinds):
+            raise ValueError(f"kinds must be a list of: {', '.join(GARBAGE_KINDS)}")
+        size = int(_number(body, "size", DEFAULT_HUGE_SIZE))
+        frames = [garbage_frame(k, size=size, api_key=self.config.api_key) for k in kinds]
+        for connection in self.connections:
+            connection.outbox_send.send_nowait((frames, None))
+        return len(self.connections)
+
+    def _fault_hostile(self, body: Mapping[str, Any], now: float) -> int:
+        self.faults.hostile_until = now + _number(body, "seconds")
+        return len(self.connections)
+
+    def _fault_malform(self, body: Mapping[str, Any], now: float) -> int:
+        reply = body.get("reply")
+        if reply not in MALFORMABLE_REPLIES:
+            raise ValueError(f"reply must be one of: {', '.join(MALFORMABLE_REPLIES)}")
+        self.faults.malform[reply] = int(_number(body, "count", 1))
+        return self.faults.malform[reply]
+
+    def _noise(self) -> list[str | bytes]:
+        """While hostile, one frame of every hostile kind, starting one kind further each
+        time (so every kind comes right before and right after every kind of reply)."""
+        hostile = self.config.hostile or time.monotonic() < self.faults.hostile_until
+        if not hostile:
+            return []
+        turn = next(self._noise_turns) % len(HOSTILE_KINDS)
+        kinds = HOSTILE_KINDS[turn:] + HOSTILE_KINDS[:turn]
+        return [garbage_frame(kind, api_key=self.config.api_key) for kind in kinds]
+
+    def _take_malformed(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """``reply``, or its malformed twin while the ``malform`` fault asks for one."""
+        kind = reply.get("type")
+        if not isinstance(kind, str) or self.faults.malform.get(kind, 0) <= 0:
+            return reply
+        self.faults.malform[kind] -= 1
+        logger.info("devcloud: malforming the %s reply to %r", kind, reply.get("request_id"))
+        return _malformed(reply)
+
     async def close_all_websockets(self, code: int, reason: str) -> None:
         """Ask every WebSocket to close with ``code``/``reason`` (graceful shutdown)."""
         for connection in self.connections:
@@ -402,7 +618,7 @@ class DevCloud:
     async def handle_websocket(self, ws: Websocket) -> None:
         """Serve one signaling WebSocket until it closes; its peer connections close with it."""
         await ws.accept()
-        connection = _WsConnection(ws)
+        connection = _WsConnection(ws, self._noise)
         self.connections.add(connection)
         try:
             if not self._authorized(ws.headers.get("Authorization")):
@@ -415,15 +631,33 @@ class DevCloud:
                 )
                 await ws.close(CLOSE_ACCESS_DENIED, "Access denied")
                 return
-            await connection.send({"type": "ready", "connection_id": connection.connection_id})
+            withheld = self.faults.withhold_ready > 0
+            if withheld:  # a cold start that never ends: the client's ready deadline fires
+                self.faults.withhold_ready -= 1
+                logger.info("devcloud: withholding 'ready' from %s", connection.connection_id)
+            else:
+                await connection.send({"type": "ready", "connection_id": connection.connection_id})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._run_commands, connection, nursery.cancel_scope)
+                nursery.start_soon(self._run_outbox, connection)
                 while True:
                     raw = await ws.receive()
+                    if withheld:
+                        logger.info("devcloud: ignoring a message sent before 'ready'")
+                        continue
                     await self._dispatch(connection, raw, nursery)
         finally:
             self.connections.discard(connection)
             connection.commands_send.close()
+            connection.outbox_send.close()
+
+    async def _run_outbox(self, connection: _WsConnection) -> None:
+        """Send what faults queued for this WebSocket, in order; a close ends it."""
+        async for frames, close in connection.outbox:
+            await connection.send_frames(frames)
+            if close is not None:
+                connection.commands_send.send_nowait(("close_ws", *close))
+                return
 
     async def _run_commands(self, connection: _WsConnection, scope: trio.CancelScope) -> None:
         async for action, code, reason in connection.commands:
@@ -462,7 +696,7 @@ class DevCloud:
             if request_id is not None:
                 reply["request_id"] = request_id
         if reply is not None:
-            await connection.send(reply)
+            await connection.send(self._take_malformed(reply))
 
     async def _handle(
         self,
@@ -523,6 +757,11 @@ class DevCloud:
                 {"type": "error", "request_id": request_id, "error": "Offer refused (fault)"}
             )
             return
+        if self.faults.malform.get("answer", 0) > 0:  # before a session exists: none strays
+            await connection.send(
+                self._take_malformed({"type": "answer", "request_id": request_id})
+            )
+            return
         initial = message.get("initialParameters") or {}
         if not isinstance(initial, dict):
             initial = {}
@@ -545,7 +784,7 @@ class DevCloud:
         except BaseException:
             await rtc.close_peer_connection(pc, SESSION_CLOSE_TIMEOUT)
             raise
-        rtc.install_datagram_filter(pc, session.blackholed)
+        rtc.install_datagram_filter(pc, session.blackholed, delay=session.latency)
         self.sessions[session.id] = session
         connection.sessions[session.id] = session
         nursery.start_soon(self._run_session, connection, session)
@@ -760,7 +999,7 @@ async def serve_devcloud(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``scope-trio devcloud --host --port --pipeline --api-key``: serve until SIGINT/SIGTERM.
+    """``scope-trio devcloud --host --port --pipeline --api-key --hostile``: serve until a signal.
 
     Either signal shuts down gracefully: WebSockets get 1001, peer connections are closed.
     """
@@ -772,6 +1011,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", choices=PIPELINES, default="passthrough")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Key <key>'")
     parser.add_argument("--require-user-id", action="store_true")
+    parser.add_argument(
+        "--hostile", action="store_true", help="surround every message with garbage (tests)"
+    )
     args = parser.parse_args(argv)
     config = DevCloudConfig(
         host=args.host,
@@ -779,6 +1021,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline=args.pipeline,
         api_key=args.api_key,
         require_user_id=args.require_user_id,
+        hostile=args.hostile,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
