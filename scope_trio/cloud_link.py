@@ -40,6 +40,8 @@ from typing import Any
 import trio
 import trio_websocket
 
+from scope_trio import logs
+
 __all__ = [
     "CloudAccessDeniedError",
     "CloudConnectError",
@@ -107,6 +109,9 @@ def cloud_ws_url(app_id: str | None, ws_url: str | None) -> str:
     return f"wss://fal.run/{app}"
 
 
+_API_KEY = re.compile(r"[\x21-\x7e]+")
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     """Everything needed to open one signaling link. Validated at construction.
@@ -134,6 +139,14 @@ class LinkConfig:
         if urllib.parse.urlsplit(url).scheme not in ("ws", "wss"):
             raise ValueError(
                 f"cloud signaling URL must start with ws:// or wss://: {_safe_url(url)}"
+            )
+        # It goes out as a header value: the HTTP layer would reject a control character or
+        # an edge space with an error that quotes the header, escaped, so no redaction of
+        # the key itself would catch it (a key read from a CRLF file ends in "\r").
+        if self.api_key and not _API_KEY.fullmatch(self.api_key):
+            raise ValueError(
+                "the cloud api key must be printable ASCII without spaces (check for a "
+                "trailing newline or carriage return)"
             )
         for name in ("connect_timeout", "ready_timeout", "request_timeout", "pong_timeout"):
             if getattr(self, name) <= 0:
@@ -434,7 +447,11 @@ class CloudLink:
         with trio.move_on_after(2 * self._config.close_timeout + 0.5, shield=True):
             await self._finished.wait()
         if not self._finished.is_set():
-            logger.warning("cloud link %s: teardown overran its deadline", self._safe_url)
+            logger.warning(
+                "cloud link %s: teardown overran its deadline",
+                self._safe_url,
+                extra=logs.ids(connection_id=self.connection_id),
+            )
             self._task_scope.cancel()  # cancels through the shield in _run
 
     # ----------------------------------------------------------------- life of the link
@@ -530,6 +547,7 @@ class CloudLink:
         if message.get("type") != "ready":
             raise _unexpected_first_message(message)
         self.connection_id = _opt_str(message.get("connection_id"))
+        logs.bind_connection(self.connection_id)  # this task, and the heartbeat it starts
         if cfg.user_id:
             await self._set_user_id(self._ws, cfg.user_id)
 
@@ -598,6 +616,12 @@ class CloudLink:
                     return
                 if msg_type == "logs":
                     _relog(message)
+                elif msg_type == "error" and message.get("request_id") is not None:
+                    # set_user_id carries no request_id: this answers something else.
+                    logger.warning(
+                        "ignoring 'error' for request_id %s while waiting for user_id_set",
+                        _clip(repr(message.get("request_id"))),
+                    )
                 elif msg_type == "error":
                     self._remember_error(message)
                     text = _error_text(message)
@@ -636,6 +660,14 @@ class CloudLink:
         except trio_websocket.ConnectionClosed as exc:
             raise self._closed_before_ready(exc, doing) from None
         self.stats.messages_received += 1
+        return self._redact(raw)
+
+    def _redact(self, raw: str | bytes) -> str | bytes:
+        """``raw`` with our api key replaced by ``***``. Whatever the cloud says is quoted in
+        logs, errors and the status; a cloud that echoes the key back must not put it there."""
+        key = self._config.api_key
+        if key and len(key) >= 4 and isinstance(raw, str) and key in raw:
+            return raw.replace(key, "***")
         return raw
 
     def _closed_before_ready(
@@ -667,7 +699,7 @@ class CloudLink:
                 self._record_transport_close(exc.reason)
                 return
             self.stats.messages_received += 1
-            self._dispatch(raw)
+            self._dispatch(self._redact(raw))
 
     def _dispatch(self, raw: str | bytes) -> None:
         message = _parse(raw)
@@ -725,9 +757,10 @@ class CloudLink:
         self._run_scope.cancel()
 
     def _record_transport_close(self, reason: trio_websocket.CloseReason | None) -> None:
-        code = reason.code if reason is not None else CLOSE_ABNORMAL
+        # A plain int: trio-websocket gives a CloseReason IntEnum for the codes it knows.
+        code = int(reason.code) if reason is not None else CLOSE_ABNORMAL
         if reason is not None and reason.reason:
-            text = reason.reason
+            text = str(self._redact(reason.reason))
         elif reason is not None:
             text = reason.name.lower().replace("_", " ")
         else:

@@ -38,11 +38,19 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
 
-from scope_trio.session import MediaSession, Parameters, SessionClosedError, SessionFactory
+from scope_trio.session import (
+    JsonTooDeepError,
+    MediaSession,
+    Parameters,
+    SessionClosedError,
+    SessionFactory,
+    nested_deeper_than,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +191,8 @@ class SupervisorStatus:
     sessions_lost: int = 0
     version: int = 0
     """Increases with every change: a watcher can tell it missed nothing."""
+    changed_at: float = 0.0
+    """``trio.current_time()`` of this change, so a watcher measures durations exactly."""
 
     @property
     def webrtc_connected(self) -> bool:
@@ -244,9 +254,11 @@ def _copy_parameters(params: Mapping[str, Any], what: str) -> Parameters:
     bad = [key for key in params if not isinstance(key, str)]
     if bad:
         raise TypeError(f"{what} keys must be strings, got {bad[0]!r}")
+    if nested_deeper_than(params):
+        raise TypeError(f"{what} must be plain JSON: {JsonTooDeepError()}")
     try:
         copied: Parameters = json.loads(json.dumps(dict(params), allow_nan=False))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:  # a cycle recurses
         raise TypeError(f"{what} must be plain JSON: {exc}") from None
     return copied
 
@@ -337,7 +349,12 @@ class SessionSupervisor:
         """Apply ``changes`` if ``run`` is still current (None: the caller owns the ticket)."""
         if run is not None and run.ticket != self._ticket:
             return False
-        self._state = replace(self._state, version=self._state.version + 1, **changes)
+        self._state = replace(
+            self._state,
+            version=self._state.version + 1,
+            changed_at=trio.current_time(),
+            **changes,
+        )
         for watcher in list(self._watchers):
             try:
                 watcher.send_nowait(self._state)
@@ -368,14 +385,19 @@ class SessionSupervisor:
     async def resume(self) -> None:
         """After :meth:`link_lost`, start a session again with the kept parameters.
 
-        Does nothing unless the supervisor is in :attr:`Phase.LINK_DOWN`.
+        This is the outage's first reconnect attempt, and the status says so from the
+        start (``webrtc_reconnecting``, ``webrtc_error`` still naming the loss); if it does
+        not connect, the rest of the reconnect budget applies as after a media loss.
+        Returns once a session is connected; raises :class:`StartFailedError` if the budget
+        ran out first. Does nothing unless the supervisor is in :attr:`Phase.LINK_DOWN`.
         """
         if self._state.phase is not Phase.LINK_DOWN:
             return
         error = self._state.webrtc_error
-        ticket = self._supersede(Phase.CONNECTING)
+        first = min(1, self.policy.max_attempts)
+        ticket = self._supersede(Phase.RECONNECTING, webrtc_error=error, attempt=first)
         self._restarts.clear()
-        await self._launch(ticket, abandoned=Phase.LINK_DOWN, error=error)
+        await self._launch(ticket, abandoned=Phase.LINK_DOWN, error=error, resumed=True)
 
     async def stop(self) -> None:
         """Cancel everything and forget the parameters. Returns once the session is closed.
@@ -401,9 +423,8 @@ class SessionSupervisor:
         active = (Phase.CONNECTING, Phase.CONNECTED, Phase.BACKOFF, Phase.RECONNECTING)
         if self._state.phase not in active:
             return
-        self._supersede(
-            Phase.LINK_DOWN, webrtc_error=lost_message(f"cloud connection closed ({reason})")
-        )
+        reason = f"cloud connection closed ({reason})"
+        self._supersede(Phase.LINK_DOWN, webrtc_error=lost_message(reason), last_loss_reason=reason)
         await self._retire_shielded()
         await trio.lowlevel.checkpoint_if_cancelled()
 
@@ -465,7 +486,12 @@ class SessionSupervisor:
                 await self._retire()
 
     async def _launch(
-        self, ticket: int, *, abandoned: Phase = Phase.IDLE, error: str | None = None
+        self,
+        ticket: int,
+        *,
+        abandoned: Phase = Phase.IDLE,
+        error: str | None = None,
+        resumed: bool = False,
     ) -> None:
         """Retire the current run and start a new one for ``ticket``; see :meth:`start`.
 
@@ -482,7 +508,7 @@ class SessionSupervisor:
                 run = _Run(ticket)
                 self._run = run
                 try:
-                    await self._nursery.start(self._supervise, run)
+                    await self._nursery.start(partial(self._supervise, run, resumed=resumed))
                 except _StartSupersededError:
                     raise StartAbortedError(
                         "superseded by a later start, stop or link loss"
@@ -492,23 +518,31 @@ class SessionSupervisor:
                     raise StartAbortedError("superseded by a later start, stop or link loss")
         except BaseException:
             # A start that did not end connected must not leave "connecting" (or a
-            # "connected" whose session its cancelled caller took down) behind. A failed
-            # start already says FAILED.
-            if ticket == self._ticket and self._state.phase in (Phase.CONNECTING, Phase.CONNECTED):
+            # "connected" whose session its cancelled caller took down, or a resume's
+            # "reconnecting") behind. A failed start already says FAILED.
+            unfinished = (Phase.CONNECTING, Phase.CONNECTED, Phase.RECONNECTING, Phase.BACKOFF)
+            if ticket == self._ticket and self._state.phase in unfinished:
                 if self._run is not None:
                     self._run.scope.cancel()
                 self._session = None
                 self._set(None, phase=abandoned, webrtc_error=error)
             raise
 
-    async def _supervise(self, run: _Run, *, task_status: trio.TaskStatus[None]) -> None:
-        """One start's life: first connect, then serve / lose / back off / retry, until done."""
+    async def _supervise(
+        self, run: _Run, *, resumed: bool = False, task_status: trio.TaskStatus[None]
+    ) -> None:
+        """One start's life: first connect, then serve / lose / back off / retry, until done.
+
+        A resumed run's first connect is already a reconnect: when it fails, the reconnect
+        budget applies instead of failing the start, and ``started`` waits for a connect.
+        """
         connected = False
 
         def report_connected() -> None:
             nonlocal connected
-            connected = True
-            task_status.started()
+            if not connected:
+                connected = True
+                task_status.started()
 
         try:
             with run.scope:
@@ -518,19 +552,28 @@ class SessionSupervisor:
                 except _AttemptFailedError as exc:
                     if run.ticket != self._ticket:
                         raise _StartSupersededError from None  # not ours to report any more
-                    self._set(
-                        run, phase=Phase.FAILED, webrtc_error=start_failed_message(exc.reason)
-                    )
-                    raise StartFailedError(exc.reason) from None
+                    if not resumed:
+                        self._set(
+                            run, phase=Phase.FAILED, webrtc_error=start_failed_message(exc.reason)
+                        )
+                        raise StartFailedError(exc.reason) from None
+                    logger.warning("resuming the media session failed: %s", exc.reason)
+                    reason = self._state.last_loss_reason or exc.reason
+                    self._set(run, phase=Phase.BACKOFF, webrtc_error=lost_message(reason))
                 while reason is not None:
-                    reason = await self._recover(run, reason)
+                    reason = await self._recover(run, reason, on_connected=report_connected)
             if not connected:
+                if run.ticket == self._ticket and self._state.phase is Phase.FAILED:
+                    # A resume whose reconnects all failed: the budget is spent.
+                    raise StartFailedError(self._state.webrtc_error or "reconnect failed")
                 # Cancelled (by a later start, stop or link loss) before the first connect.
                 raise _StartSupersededError
         finally:
             run.done.set()
 
-    async def _recover(self, run: _Run, reason: str) -> str | None:
+    async def _recover(
+        self, run: _Run, reason: str, *, on_connected: Callable[[], None] | None = None
+    ) -> str | None:
         """Rebuild a lost session. Returns the next loss reason, or None when giving up."""
         policy = self.policy
         while True:
@@ -551,7 +594,7 @@ class SessionSupervisor:
             self._set(run, phase=Phase.RECONNECTING, attempt=attempt)
             logger.info("reconnect attempt %d/%d", attempt, policy.max_attempts)
             try:
-                return await self._session_lifetime(run, on_connected=None)
+                return await self._session_lifetime(run, on_connected=on_connected)
             except _AttemptFailedError as exc:
                 logger.warning(
                     "reconnect attempt %d/%d failed: %s", attempt, policy.max_attempts, exc.reason
@@ -611,7 +654,7 @@ class SessionSupervisor:
             if not connected.value:
                 raise
             logger.exception("media session crashed")
-            reason = _describe(exc)
+            reason = f"media session crashed: {_describe(exc)}"
         if not connected.value:
             raise RuntimeError("media session ended without connecting")
         reason = reason or "session ended"

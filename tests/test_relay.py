@@ -12,117 +12,35 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import httpx
 import pytest
 import trio
-from av import VideoFrame
-from devcloud_client import eventually, live_peer_connections, luma_halves, rgb_frame
+from browser_peer import FPS, Browser, open_browser
+from devcloud_client import eventually, live_peer_connections
 
 from scope_trio import rtc
 from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
 from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
 from scope_trio.relay import Relay
+from scope_trio.session import MAX_JSON_DEPTH
 
 logger = logging.getLogger(__name__)
 
-WIDTH, HEIGHT = 128, 96
-FPS = 30.0
 
+def browser(
+    relay: Relay, params: dict[str, Any] | None = None
+) -> AbstractAsyncContextManager[Browser]:
+    """An aiortc peer acting as Scope's frontend, offering straight to ``relay``."""
 
-class Seen(NamedTuple):
-    at: float
-    left: float
-    right: float
+    async def send_offer(sdp: str, sdp_type: str) -> dict[str, str]:
+        return await relay.offer(sdp, sdp_type, params)
 
-    @property
-    def inverted(self) -> bool:
-        return self.left < 60 and self.right > 195
-
-    @property
-    def black(self) -> bool:
-        return self.left < 40 and self.right < 40
-
-
-@dataclass
-class Browser:
-    """The browser's side: its peer connection and everything it received."""
-
-    pc: rtc.RTCPeerConnection
-    events: rtc.PeerEvents
-    channel: rtc.RTCDataChannel
-    session_id: str
-    seen: list[Seen] = field(default_factory=list)
-    states_after_connect: list[str] = field(default_factory=list)
-    closed: trio.Event = field(default_factory=trio.Event)
-    _arrived: trio.Event = field(default_factory=trio.Event)
-
-    def on_frame(self, frame: VideoFrame) -> None:
-        self.seen.append(Seen(trio.current_time(), *luma_halves(frame)))
-        self._arrived.set()
-        self._arrived = trio.Event()
-
-    async def record_states(self) -> None:
-        async for state in self.events.states:
-            self.states_after_connect.append(state)
-            if state in ("closed", "failed"):
-                self.closed.set()
-                return
-
-    async def inverted_frame(self, timeout: float = 10) -> Seen:  # noqa: ASYNC109
-        """Wait for a processed frame arriving from now on."""
-        start = len(self.seen)
-        with trio.fail_after(timeout):
-            while True:
-                for seen in self.seen[start:]:
-                    if seen.inverted:
-                        return seen
-                start = len(self.seen)
-                await self._arrived.wait()
-
-
-@asynccontextmanager
-async def browser(
-    relay: Relay, params: dict[str, Any] | None = None, *, expect_connected: bool = True
-) -> AsyncIterator[Browser]:
-    """An aiortc peer acting as Scope's frontend: camera track + ``parameters`` channel."""
-    pc = rtc.new_peer_connection([])
-    events = rtc.PeerEvents(pc)
-    camera = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
-    pc.addTrack(camera)
-    channel = pc.createDataChannel("parameters", ordered=True)
-    opened = trio.Event()
-    channel.on("open", opened.set)
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def produce() -> None:
-                while True:
-                    camera.push(rgb_frame(WIDTH, HEIGHT, 255, 0))
-                    await trio.sleep(1 / FPS)
-
-            nursery.start_soon(produce)
-            offer = await rtc.create_offer(pc)
-            with trio.fail_after(10):
-                answer = await relay.offer(offer.sdp, offer.type, params)
-            assert answer["type"] == "answer"
-            await rtc.apply_answer(pc, answer["sdp"], answer["type"])
-            with trio.fail_after(10):
-                assert await events.wait_state("connected") == "connected"
-                await opened.wait()
-                track = await events.tracks.receive()
-            b = Browser(pc, events, channel, answer["sessionId"])
-            nursery.start_soon(b.record_states)
-            nursery.start_soon(rtc.receive_video, track, b.on_frame)
-            yield b
-            nursery.cancel_scope.cancel()
-    finally:
-        camera.stop()
-        await rtc.close_peer_connection(pc)
+    return open_browser(send_offer)
 
 
 @dataclass
@@ -214,6 +132,10 @@ async def test_data_channel_json_becomes_a_parameter_update() -> None:
         b.channel.send("not json")
         b.channel.send("[1, 2]")
         b.channel.send('{"noise_scale": NaN}')  # JSON to Python, not to the cloud: refused
+        # Nested past the parser's recursion limit (RecursionError ended the session once),
+        # and past MAX_JSON_DEPTH without it: both refused, nothing else happens.
+        b.channel.send('{"a":' * 5000 + "1" + "}" * 5000)
+        b.channel.send('{"a":' * (MAX_JSON_DEPTH + 1) + "1" + "}" * (MAX_JSON_DEPTH + 1))
         b.channel.send(json.dumps({"noise_scale": 0.9, "reset_cache": True}))
 
         async def updated() -> bool:
@@ -224,7 +146,7 @@ async def test_data_channel_json_becomes_a_parameter_update() -> None:
         params = (await r.cloud_state())["sessions"][0]["parameters"]
         assert params == {"prompts": ["a"], "noise_scale": 0.9, "reset_cache": True}
         own = r.relay.sessions()[b.session_id]
-        assert (own["parameter_messages"], own["parameter_errors"]) == (4, 3)
+        assert (own["parameter_messages"], own["parameter_errors"]) == (6, 5)
         await b.inverted_frame()  # the bad messages broke nothing
 
 
