@@ -7,6 +7,10 @@ Subcommands:
   it runs the dev cloud in-process and says so in one line. SIGINT/SIGTERM shut it down
   gracefully within a bounded time; a second signal stops it at once.
 * ``devcloud`` runs the local stand-in for the cloud GPU runner (see :mod:`scope_trio.devcloud`).
+
+``serve`` logs to stderr as text, or with ``--log-json`` one JSON object per line
+(:mod:`scope_trio.logs`); either way each line carries its connection and session ids and
+the api key is redacted from all of it.
 """
 
 from __future__ import annotations
@@ -78,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         type=str.upper,
     )
     parser.add_argument(
+        "--log-json",
+        action="store_true",
+        help="log one JSON object per line (time, level, logger, message, connection_id, "
+        "session_id, exception) instead of text",
+    )
+    parser.add_argument(
         "--cors-origin",
         action="append",
         default=[],
@@ -92,24 +102,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _RedactingFilter(logging.Filter):
-    """Replaces the api key with ``***`` in every record a handler emits."""
-
-    def __init__(self, secret: str) -> None:
-        super().__init__()
-        self._secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self._secret in message:
-            record.msg, record.args = message.replace(self._secret, "***"), None
-        return True
-
-
 def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     """``scope-trio serve``: parse, check, serve until SIGINT/SIGTERM; the exit status."""
     import trio  # noqa: PLC0415 - keeps `scope-trio --help` light
 
+    from scope_trio import logs  # noqa: PLC0415
     from scope_trio.cloud import CloudSettings  # noqa: PLC0415
     from scope_trio.server import ServerConfig, is_loopback, serve  # noqa: PLC0415
 
@@ -145,12 +142,9 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         )
         return EXIT_USAGE
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    if cloud.api_key:
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_RedactingFilter(cloud.api_key))
+    # Text or JSON; either way the api key is redacted from all of each line (exception
+    # text and extra fields included), and every line carries its connection/session ids.
+    logs.configure(args.log_level, json_lines=args.log_json, secrets=[cloud.api_key])
     log = logging.getLogger("scope_trio.cli")
     if not is_loopback(config.host):
         log.warning(

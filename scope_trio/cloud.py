@@ -34,6 +34,7 @@ from typing import Any
 import trio
 from av import VideoFrame
 
+from scope_trio import logs
 from scope_trio.cloud_link import (
     CloudConnectError,
     CloudLink,
@@ -104,6 +105,12 @@ class LinkState:
     connection_id: str | None = None
     last_close_code: int | None = None
     last_close_reason: str | None = None
+    links_established: int = 0
+    """Links that came up, over the manager's life (first connects and re-links)."""
+    links_reestablished: int = 0
+    """Of those, links re-established after one dropped by itself."""
+    links_lost: int = 0
+    """Links that ended without being asked to (each followed by a re-link or an error)."""
 
 
 class _NoLinkSession:
@@ -154,6 +161,8 @@ class CloudManager:
         self._last_load: dict[str, Any] | None = None
         self._video_input = VideoInput()
         self._on_frame: Callable[[VideoFrame], object] | None = None
+        self.last_frame_at: float | None = None
+        """``trio.current_time()`` of the last frame any cloud media session delivered."""
         self._state = LinkState()
         self._version = 0
         self._changed = trio.Event()
@@ -188,6 +197,11 @@ class CloudManager:
     @property
     def link(self) -> CloudLink | None:
         return self._link
+
+    @property
+    def link_state(self) -> LinkState:
+        """The link half of the status, one immutable snapshot (for metrics)."""
+        return self._state
 
     def status(self) -> dict[str, Any]:
         """CloudStatus (CONTRACT section 1), from the two snapshots that own the state."""
@@ -311,6 +325,7 @@ class CloudManager:
                     established = True
                     if not await self._link_ended(scope, link, relinks):
                         return
+                    logs.bind_connection(None)  # the next link gets its own id
                     await trio.sleep(self.link_policy.delay)
         finally:
             if self._link_scope is scope:
@@ -327,13 +342,17 @@ class CloudManager:
             if self._link_scope is not scope:  # pragma: no cover - replaced meanwhile
                 return link
             self._link = link
+            state = self._state
             self._set(
                 connected=True,
                 connecting=False,
                 error=None,
                 connect_stage=None,
                 connection_id=link.connection_id,
+                links_established=state.links_established + 1,
+                links_reestablished=state.links_reestablished + int(relink),
             )
+            logs.bind_connection(link.connection_id)  # this task and the ones it starts now
             logger.info("cloud link up (connection_id=%s)", link.connection_id)
             async with trio.open_nursery() as tasks:
                 if relink:
@@ -386,6 +405,7 @@ class CloudManager:
             connection_id=None,
             last_close_code=code,
             last_close_reason=reason,
+            links_lost=self._state.links_lost + 1,
         )
         await self.supervisor.link_lost(f"code {code}: {reason}")
         return error is None
@@ -422,6 +442,7 @@ class CloudManager:
         )
 
     def _deliver(self, frame: VideoFrame) -> None:
+        self.last_frame_at = trio.current_time()
         if self._on_frame is not None:
             self._on_frame(frame)
 
@@ -442,7 +463,9 @@ class CloudManager:
             raise NotConnectedError("not connected to the cloud")
         self._video_input = video_input or VideoInput()
         self._on_frame = on_frame
-        await self.supervisor.start(params)
+        # The run the supervisor starts here logs for this link, and for no one session.
+        with logs.bound(connection_id=self._link.connection_id or "", session_id=""):
+            await self.supervisor.start(params)
 
     async def stop_media(self) -> None:
         await self.supervisor.stop()
@@ -482,7 +505,10 @@ class CloudManager:
             fields["body"] = body
         reply = await link.request("api", fields)
         status = reply.get("status", 200)
-        status = status if isinstance(status, int) else 502
+        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
+            shown = repr(status)[:80]
+            logger.warning("the cloud answered %s %s with no valid status: %s", method, path, shown)
+            return 502, {"detail": f"Cloud request failed: the reply has no valid status: {shown}"}
         data = reply.get("data") if "data" in reply else reply.get("error")
         if method.upper() == "POST" and path == PIPELINE_LOAD_PATH and status < 400:
             self._last_load = body if isinstance(body, dict) else None

@@ -44,6 +44,7 @@ import json
 import logging
 import math
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,9 +52,10 @@ from typing import Any
 import trio
 from av import VideoFrame
 
-from scope_trio import rtc
+from scope_trio import logs, rtc
 from scope_trio.cloud import CloudManager, NotConnectedError
 from scope_trio.media import VideoInput
+from scope_trio.session import JsonTooDeepError, loads_json, nested_deeper_than
 from scope_trio.supervisor import SupervisorError
 
 __all__ = ["Relay"]
@@ -117,6 +119,16 @@ class _BrowserSession:
         self.frames_from_browser += 1
         self.video_input.push(frame)
 
+    def counters(self) -> Counter[str]:
+        """What :meth:`Relay.counters` sums over sessions."""
+        return Counter(
+            sessions=1,
+            frames_from_browser=self.frames_from_browser,
+            frames_from_cloud=self.frames_from_cloud,
+            held_frames=self.held_frames,
+            black_frames=self.black_frames,
+        )
+
     def snapshot(self, current: bool) -> dict[str, Any]:
         now = trio.current_time()
         return {
@@ -175,6 +187,7 @@ class Relay:
         self._current: _BrowserSession | None = None
         """The session whose cloud media session the manager runs; None while none does."""
         self._lock = trio.Lock()  # serialises retire-then-install of sessions
+        self._closed_totals: Counter[str] = Counter()  # counters of sessions gone
 
     # ------------------------------------------------------------------ public API
 
@@ -240,7 +253,9 @@ class Relay:
                 if took_cloud:  # cancelled half-way: the replaced cloud session has no owner
                     await self._manager.stop_media()  # shielded and bounded by the supervisor
             raise
-        logger.info("browser session %s answered", session.id)
+        logger.info(
+            "browser session %s answered", session.id, extra=logs.ids(session_id=session.id)
+        )
         return {"sdp": answer.sdp, "type": answer.type, "sessionId": session.id}
 
     async def add_candidates(
@@ -295,6 +310,14 @@ class Relay:
             for session_id, session in self._sessions.items()
         }
 
+    def counters(self) -> dict[str, int]:
+        """Counters summed over every browser session so far, closed ones included
+        (``sessions``: how many there were), and ``open``: how many are open now."""
+        totals = self._closed_totals.copy()
+        for session in self._sessions.values():
+            totals.update(session.counters())
+        return {**totals, "open": len(self._sessions)}
+
     # ------------------------------------------------------------------ internals
 
     def _live(self, session_id: str) -> _BrowserSession:
@@ -310,10 +333,14 @@ class Relay:
             await session.done.wait()
         if waited.cancelled_caught:
             logger.error(
-                "browser session %s did not close within %.0f s", session.id, CLEANUP_TIMEOUT
+                "browser session %s did not close within %.0f s",
+                session.id,
+                CLEANUP_TIMEOUT,
+                extra=logs.ids(session_id=session.id),
             )
 
     async def _run_session(self, session: _BrowserSession) -> None:
+        logs.bind_session(session.id)  # every task of this session logs for it
         try:
             with session.scope:
                 async with trio.open_nursery() as nursery:
@@ -342,6 +369,7 @@ class Relay:
         finally:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
+                self._closed_totals.update(session.counters())
             session.done.set()
             logger.info("browser session %s closed (%s)", session.id, session.end_reason or "ended")
 
@@ -381,10 +409,12 @@ class Relay:
         async for message in remote.messages:
             session.parameter_messages += 1
             try:
-                update = json.loads(message)
-            except ValueError:
+                update = loads_json(message)
+            except ValueError as exc:  # deep nesting included: it would end the session
                 session.parameter_errors += 1
-                logger.warning("data channel %r: message is not JSON: %.80r", label, message)
+                logger.warning(
+                    "data channel %r: message is not usable JSON (%s): %.80r", label, exc, message
+                )
                 continue
             if not isinstance(update, dict):
                 session.parameter_errors += 1
@@ -464,8 +494,10 @@ def _json_object(value: Any, what: str) -> dict[str, Any]:
         raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")  # noqa: TRY004
     if not all(isinstance(key, str) for key in value):  # json.dumps would stringify them
         raise ValueError(f"{what} keys must be strings")
+    if nested_deeper_than(value):
+        raise JsonTooDeepError
     try:
         copied: dict[str, Any] = json.loads(json.dumps(dict(value), allow_nan=False))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"{what} must be plain JSON: {exc}") from None
     return copied

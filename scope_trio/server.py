@@ -7,6 +7,7 @@ Supervision::
     └── services nursery
         ├── CloudManager tasks (link, supervisor)
         ├── Relay sessions
+        ├── ServerMetrics.run                     counts supervisor events for GET /metrics
         └── hypercorn.trio.serve(app)         stops on its own trigger, after the rest
 
 Shutdown (``shutdown_trigger`` returns, or ``serve`` is cancelled) runs in this order, the
@@ -17,8 +18,9 @@ whole of it bounded by ``ServerConfig.shutdown_timeout``:
 3. Hypercorn stops accepting, drains within ``graceful_timeout`` and runs ``after_serving``;
 4. the embedded dev cloud stops; every remaining task is cancelled.
 
-``serve`` applies :func:`scope_trio.rtc.tune_ice_consent` (a lost cloud path is seen in
-~1.5 s instead of ~31 s). That changes aioice module constants for the WHOLE PROCESS; the
+``serve`` applies :func:`scope_trio.rtc.tune_ice_consent` (ICE consent closes a silent
+cloud path in ~4 s instead of ~31 s, as a backstop to the media session's own ~1 s
+path-silence signal). That changes aioice module constants for the WHOLE PROCESS; the
 previous timing is restored when ``serve`` returns.
 """
 
@@ -39,6 +41,7 @@ from scope_trio import rtc
 from scope_trio.app import MIB, BrowserRelay, ScopeApp, create_app
 from scope_trio.cloud import CloudManager, CloudSettings
 from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.metrics import ServerMetrics
 from scope_trio.relay import Relay
 
 __all__ = ["RelayFactory", "ServerConfig", "is_loopback", "serve"]
@@ -146,12 +149,15 @@ async def _serve_api(
     async with trio.open_nursery() as services:
         manager = CloudManager(services, settings)
         relay = relay_factory(manager, services)
+        metrics = ServerMetrics(manager, relay if isinstance(relay, Relay) else None)
+        await services.start(metrics.run)  # subscribed before anything can change
         app = create_app(
             manager,
             relay,
             debug_endpoints=config.debug_endpoints,
             cors_origins=config.cors_origins,
             max_body_bytes=config.max_body_bytes,
+            metrics=metrics,
         )
         hyper = HypercornConfig()
         hyper.bind = [_bind(config.host, config.port)]
