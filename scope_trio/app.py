@@ -23,8 +23,8 @@ Decisions where the contract is silent (each is tested):
 * ``GET /api/v1/webrtc/ice-servers`` without a cloud link answers ``{"iceServers": []}``: the
   browser talks to this server, normally over loopback, and the machine may be offline.
 * Beyond Scope: ``GET /api/v1/cloud/events`` (Server-Sent Events of CloudStatus),
-  ``GET /api/v1/config`` (what the status page needs to know), ``GET /openapi.json`` and the
-  status page at ``/``.
+  ``GET /api/v1/config`` (what the status page needs to know), ``GET /openapi.json``,
+  ``GET /metrics`` (Prometheus, :mod:`scope_trio.metrics`) and the status page at ``/``.
 
 The api key never leaves: :class:`CloudSettings` and pydantic's ``SecretStr`` keep it out of
 reprs, and every JSON body and event the app writes passes through :class:`Redactor`, which
@@ -45,14 +45,24 @@ from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
 import trio
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+)
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from quart import Response, request
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from quart_trio.asgi import TrioASGIHTTPConnection
+from werkzeug.exceptions import HTTPException, NotFound
 
-from scope_trio import __version__
+from scope_trio import __version__, logs
 from scope_trio.cloud import CloudManager, NotConnectedError
 from scope_trio.cloud_link import CloudLinkError
+from scope_trio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from scope_trio.metrics import ServerMetrics
+from scope_trio.session import JsonTooDeepError, loads_json
 from scope_trio.supervisor import SupervisorError
 
 __all__ = [
@@ -72,6 +82,12 @@ ROUTE_TIMEOUT = 60.0
 """Upper bound on any one request's work (connect/teardown/offer/proxy); past it: 504."""
 ICE_SERVERS_TIMEOUT = 10.0
 SSE_KEEPALIVE = 15.0
+MAX_POSTED_SECRETS = 32
+"""How many api keys posted to ``/api/v1/cloud/connect`` the response redactor remembers."""
+FAST_REQUESTS = 8
+"""How many requests answered from memory run at once (see ``_HTTPConnection``)."""
+BODY_DRAIN_TIMEOUT = 2.0
+"""How long an answered request's unread body may take to arrive (see ``_Api.finish_body``)."""
 PIPELINE_NOT_LOADED = "Pipeline not loaded. Please load pipeline first."
 NOT_CONNECTED_PIPELINE = "Not connected to cloud. Connect to cloud before using the pipeline API."
 
@@ -270,13 +286,25 @@ class ApiError(Exception):
 
 @dataclass
 class Redactor:
-    """Replaces every api key it was told about with ``***`` in outgoing text."""
+    """Replaces every api key it was told about with ``***`` in outgoing text.
 
-    secrets: set[str] = field(default_factory=set)
+    The first key added (the configured one, if any) is kept for good; of the keys posted to
+    ``/api/v1/cloud/connect`` since, the latest :data:`MAX_POSTED_SECRETS` are, so a client
+    posting key after key cannot make every response slower without bound. A key older than
+    that is in no state any more: only the current link's key can appear in a status.
+    """
+
+    secrets: dict[str, None] = field(default_factory=dict)
+    """Insertion-ordered: the configured key first, then the posted ones, oldest first."""
 
     def add(self, secret: str | None) -> None:
-        if secret and len(secret) >= 4:  # a 1-3 character "key" would mangle every body
-            self.secrets.add(secret)
+        if not secret or len(secret) < 4:  # a 1-3 character "key" would mangle every body
+            return
+        self.secrets.pop(secret, None)
+        self.secrets[secret] = None
+        while len(self.secrets) > 1 + MAX_POSTED_SECRETS:
+            oldest_posted = list(self.secrets)[1]
+            del self.secrets[oldest_posted]
 
     def __call__(self, text: str) -> str:
         for secret in self.secrets:
@@ -318,16 +346,89 @@ def _git_commit() -> str:
     return commit
 
 
+_FROM_MEMORY = frozenset(
+    {
+        "/",
+        "/health",
+        "/openapi.json",
+        "/api/v1/config",
+        "/api/v1/cloud/status",
+        "/api/v1/cloud/stats",
+    }
+)
+
+
+def _from_memory(path: str) -> bool:
+    """Routes that answer at once, from state in this process (no cloud request, no wait)."""
+    return path in _FROM_MEMORY or path.startswith("/static/")
+
+
+class _HTTPConnection(TrioASGIHTTPConnection):
+    """Quart-Trio's handler of one HTTP request, minus a cancellation that strands connections.
+
+    Quart-Trio cancels the request's task when Hypercorn says ``http.disconnect``. Hypercorn
+    says it from inside that task's own last ``send`` when it answered a request whose body
+    it had not received yet (a 404, 405 or 413 decided from the headers alone), on its way to
+    closing the connection: the cancellation lands in Hypercorn's close, the connection stays
+    open but dead, and the client's next request on it waits forever (found by
+    ``tests/test_fuzz_http.py``). Once the whole response has been handed over there is
+    nothing left to cancel, so a disconnect after that point is not passed on; the request's
+    task ends on its own right after.
+
+    Also: at most :data:`FAST_REQUESTS` of the GETs answered from memory (status, stats,
+    health, ...) run at once; the others wait, parked, for a turn. Trio runs every runnable
+    task once per scheduling batch, so 200 clients polling back to back made each batch
+    long enough to starve the relay: delivered fps fell to 4 % and a cloud reconnect did not
+    finish in 10 s (``benchmarks/load.py``, flood). Waiting requests cost the batch nothing.
+    """
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        app = self.app
+        assert isinstance(app, ScopeApp)
+        if self.scope["method"] in ("GET", "HEAD") and _from_memory(self.scope["path"]):
+            async with app.fast_requests:
+                await self._handle(receive, send)
+        else:
+            await self._handle(receive, send)
+
+    async def _handle(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        sent = False
+
+        async def send_response(message: ASGISendEvent) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                sent = True  # before the send: the disconnect arrives during it
+            await send(message)
+
+        async def receive_messages() -> ASGIReceiveEvent:
+            message = await receive()
+            if message["type"] == "http.disconnect" and sent:
+                await trio.sleep_forever()  # cancelled when the request's task ends
+            return message
+
+        await super().__call__(receive_messages, send_response)
+
+
 class ScopeApp(QuartTrio):
     """QuartTrio plus the one signal the server gives it: :meth:`begin_shutdown`."""
 
+    asgi_http_class = _HTTPConnection
     stopping: trio.Event
+    fast_requests: trio.CapacityLimiter
     redact: Redactor
     debug_endpoints: bool
 
     def begin_shutdown(self) -> None:
         """End every open event stream now, so the server can drain without waiting."""
         self.stopping.set()
+
+    async def send_static_file(self, filename: str) -> Response:
+        """Quart's, except that a name the filesystem refuses to look up (a component over
+        255 bytes: ENAMETOOLONG) is a 404 like any other missing file, not a 500."""
+        try:
+            return await super().send_static_file(filename)
+        except OSError:
+            raise NotFound from None
 
     def json_response(self, payload: Any, status: int = 200) -> Response:
         """``payload`` as JSON with the api key redacted."""
@@ -448,6 +549,13 @@ ROUTES: tuple[_Route, ...] = (
     ),
     _Route("GET", "/api/v1/config", "config", "Server settings for the UI", {200: ServerInfo}),
     _Route("GET", "/openapi.json", "openapi", "This document", {200: "application/json"}),
+    _Route(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics (text format 0.0.4); 404 when the server keeps none",
+        {200: "text/plain", 404: _ERR},
+    ),
     _Route("GET", "/", "index", "The status page", {200: "text/html"}),
 )
 
@@ -503,23 +611,34 @@ def create_app(
     cors_origins: Sequence[str] = (),
     max_body_bytes: int = MIB,
     sse_keepalive: float = SSE_KEEPALIVE,
+    metrics: ServerMetrics | None = None,
 ) -> ScopeApp:
     """The HTTP API over ``manager`` and ``relay`` (see the module docstring).
 
     ``cors_origins``: origins allowed cross-origin (``"*"``: any); empty disables CORS.
+    ``metrics`` is served at ``GET /metrics`` (404 without); its owner runs its observer.
     Call :meth:`ScopeApp.begin_shutdown` before stopping the server, to end event streams.
     """
     app = ScopeApp(__name__, static_folder="static", static_url_path="/static")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     app.stopping = trio.Event()
+    app.fast_requests = trio.CapacityLimiter(FAST_REQUESTS)
     app.redact = Redactor()
     app.redact.add(manager.settings.api_key)
     app.debug_endpoints = debug_endpoints
-    api = _Api(app, manager, relay, max_body_bytes=max_body_bytes, sse_keepalive=sse_keepalive)
+    api = _Api(
+        app,
+        manager,
+        relay,
+        max_body_bytes=max_body_bytes,
+        sse_keepalive=sse_keepalive,
+        metrics=metrics,
+    )
     cors = _Cors(frozenset(cors_origins))
     app.before_request(api.limit_body)
     app.before_request(cors.preflight)
     app.after_request(cors.decorate)
+    app.after_request(api.finish_body)
     app.register_error_handler(ApiError, api.api_error)
     app.register_error_handler(HTTPException, api.http_error)
     app.register_error_handler(Exception, api.unexpected)
@@ -573,6 +692,7 @@ class _Api:
         *,
         max_body_bytes: int,
         sse_keepalive: float,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.app = app
         self.manager = manager
@@ -582,6 +702,7 @@ class _Api:
         self.started_at = time.time()
         self.git_commit = _git_commit()
         self.openapi_doc = openapi_document()
+        self.server_metrics = metrics
 
     def json(self, payload: Any, status: int = 200) -> Response:
         return self.app.json_response(payload, status)
@@ -589,11 +710,31 @@ class _Api:
     # ------------------------------------------------------------------ plumbing
 
     async def limit_body(self) -> None:
-        """413 before routing when ``Content-Length`` is over the limit (Quart checks a
-        chunked body while it is read)."""
+        """413 before routing when ``Content-Length`` is over the limit. A chunked body has
+        no length to check: it is read here, before any route runs (Quart raises the 413 as
+        soon as it grows past the limit), so a route that ignores its body cannot take one
+        over the limit either."""
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise ApiError(413, f"Request body too large (limit {self.max_body_bytes} bytes)")
+        if length is None and "transfer-encoding" in request.headers:
+            await request.get_data(cache=True)
+
+    async def finish_body(self, response: Response) -> Response:
+        """Read what the route left of the request body before the answer goes out.
+
+        Hypercorn closes a keep-alive connection whose request body was not read by the
+        time the response was complete (a 404/405, or a route that ignores its body), and a
+        client that sends its next request on it sees a disconnect. The body is within
+        ``max_body_bytes`` (or this is a 413, which is left to close the connection), so
+        reading it is cheap; a body that does not arrive within ``BODY_DRAIN_TIMEOUT`` is
+        left to that close too.
+        """
+        has_body = request.content_length or "transfer-encoding" in request.headers
+        if has_body and response.status_code != 413:
+            with trio.move_on_after(BODY_DRAIN_TIMEOUT), contextlib.suppress(HTTPException):
+                await request.get_data(cache=True)
+        return response
 
     async def api_error(self, exc: ApiError) -> Response:
         return self.json({"detail": exc.detail}, exc.status)
@@ -627,7 +768,9 @@ class _Api:
         data: Any = {}
         if raw.strip():
             try:
-                data = json.loads(raw)
+                data = loads_json(raw)
+            except JsonTooDeepError as exc:  # json.loads alone raised RecursionError: a 500
+                raise ApiError(400, f"body: {exc}") from None
             except ValueError as exc:
                 raise ApiError(400, f"body: invalid JSON ({exc})") from None
         elif not optional:
@@ -660,6 +803,12 @@ class _Api:
     async def openapi(self) -> Response:
         return self.json(self.openapi_doc)
 
+    async def metrics(self) -> Response:
+        if self.server_metrics is None:
+            raise ApiError(404, "Not found")
+        text = self.app.redact((await self.server_metrics.render()).decode())
+        return Response(text, content_type=METRICS_CONTENT_TYPE)
+
     async def config(self) -> Response:
         return self.json({"version": __version__, "debug_endpoints": self.app.debug_endpoints})
 
@@ -669,6 +818,7 @@ class _Api:
         body, _ = await self.parse_body(ConnectRequest, optional=True)
         api_key = body.api_key.get_secret_value() if body.api_key is not None else None
         self.app.redact.add(api_key)
+        logs.add_secret(api_key)
         try:
             with _deadline("connect"):
                 status = await self.manager.connect(
