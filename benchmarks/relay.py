@@ -88,7 +88,10 @@ START_TIMEOUT = 60.0
 FIRST_FRAME_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 READY = "reference relay ready"
-URL_LINE = re.compile(r"open (http://\S+) in your browser")
+URL_LINE = re.compile(r"^scope-trio: .*?(http://[^\s;]+)")
+"""The line ``scope-trio serve`` prints once it serves (embedded dev cloud or not)."""
+DEVCLOUD_LINE = re.compile(r"\(signaling: (ws://[^\s)]+)\)")
+"""The line ``scope-trio devcloud`` prints once it serves."""
 
 FPS_RATIO_FLOOR = 0.8
 """--check: scope-trio's delivered fps must be at least this fraction of asyncio's."""
@@ -365,17 +368,42 @@ class Server:
                 await asyncio.wait_for(self._drain, 5)
 
 
-class ScopeTrioServer(Server):
-    """``python -m scope_trio serve --port 0``: the embedded dev cloud, passthrough."""
+class DevCloudProcess(Server):
+    """``python -m scope_trio devcloud --port 0``, passthrough: the cloud in its own process."""
 
-    name = "scope-trio"
+    name = "devcloud"
 
     def __init__(self) -> None:
         super().__init__()
-        self.url = ""
-        self.http: httpx.AsyncClient | None = None
+        self.ws_url = ""
 
     async def start(self) -> None:
+        await self._spawn(
+            "-m", "scope_trio", "devcloud", "--port", "0", "--pipeline", "passthrough"
+        )
+        while not (match := DEVCLOUD_LINE.search(await self._line())):
+            pass
+        self.ws_url = match.group(1)
+
+
+class ScopeTrioServer(Server):
+    """``python -m scope_trio serve --port 0``: the embedded dev cloud, passthrough, or with
+    ``cloud`` the dev cloud as a process of its own (as the real cloud is elsewhere: the
+    server process then does only the relay's work)."""
+
+    name = "scope-trio"
+
+    def __init__(self, cloud: DevCloudProcess | None = None) -> None:
+        super().__init__()
+        self.url = ""
+        self.http: httpx.AsyncClient | None = None
+        self.cloud = cloud
+
+    async def start(self) -> None:
+        cloud_args: list[str] = []
+        if self.cloud is not None:
+            await self.cloud.start()
+            cloud_args = ["--cloud-ws-url", self.cloud.ws_url]
         await self._spawn(
             "-m",
             "scope_trio",
@@ -386,6 +414,7 @@ class ScopeTrioServer(Server):
             "WARNING",
             "--devcloud-pipeline",
             "passthrough",  # the same media work as the reference
+            *cloud_args,
         )
         while not (match := URL_LINE.search(await self._line())):
             pass
@@ -411,6 +440,8 @@ class ScopeTrioServer(Server):
         if self.http is not None:
             await self.http.aclose()
         await super().stop()
+        if self.cloud is not None:
+            await self.cloud.stop()
 
 
 class ReferenceServer(Server):
@@ -439,8 +470,10 @@ class ReferenceServer(Server):
         await super().stop()
 
 
-def make_server(system: str) -> Server:
-    return ScopeTrioServer() if system == "scope-trio" else ReferenceServer()
+def make_server(system: str, *, separate_cloud: bool = False) -> Server:
+    if system != "scope-trio":
+        return ReferenceServer()
+    return ScopeTrioServer(DevCloudProcess() if separate_cloud else None)
 
 
 class Stream:
@@ -459,9 +492,12 @@ class Stream:
 
 
 @contextlib.asynccontextmanager
-async def streaming(system: str) -> AsyncIterator[Stream]:
-    """Start ``system``'s server, connect a browser, wait for frames back (and settle)."""
-    server = make_server(system)
+async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterator[Stream]:
+    """Start ``system``'s server, connect a browser, wait for frames back (and settle).
+
+    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own.
+    """
+    server = make_server(system, separate_cloud=separate_cloud)
     pc = RTCPeerConnection()
     camera = CounterCamera()
     browser = Browser(pc, camera)

@@ -1,4 +1,4 @@
-"""The relay and API-load benchmarks (benchmarks/relay.py, benchmarks/api_load.py) run and report.
+"""The relay and load benchmarks (benchmarks/relay.py, api_load.py, load.py) run and report.
 
 Each runs its real ``main`` in a tiny mode (2 s windows; the servers are subprocesses), so
 this proves the whole chain (subprocess servers, the aiortc browser, numbered frames, the
@@ -84,3 +84,37 @@ def test_api_load_benchmark_reports_latency_and_errors(
     for window in ("unloaded", "loaded"):
         assert results[window]["frames_delivered"] > 0
     assert results["ratios"]["delivered_fps"] > 0
+
+
+def test_load_benchmark_reports_errors_memory_and_fps(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """benchmarks/load.py end to end in its shortest window: the dev cloud and the server as
+    processes of their own, the two faults, the paced load worker, the report."""
+    load = _load(monkeypatch, "load")
+    out = tmp_path / "load.json"
+    argv = [
+        "--seconds",
+        str(load.MIN_SECONDS),
+        "--pollers",
+        "10",
+        "--subscribers",
+        "3",
+        "--modes",
+        "paced",
+        "--json",
+        str(out),
+    ]
+    load.main(argv)  # its status also judges fps on a 6 s window: not this test's business
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["benchmark"] == "load"
+    assert results["errors"] == 0
+    assert set(results["runs"]) == {"unloaded", "paced"}
+    for run in results["runs"].values():
+        assert run["frames_delivered"] > 0
+    paced = results["runs"]["paced"]["load"]
+    assert paced["polls"] > 0
+    assert paced["sse_events"] >= 3
+    assert results["ratios"]["paced"]["delivered_fps"] > 0
+    assert results["memory"]["paced"]
