@@ -6,6 +6,7 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -418,17 +419,22 @@ async def test_fault_drop_ws_without_close_frame(url: str) -> None:
         await wait_for_state(url, lambda s: s["ws_connections"] == 0)
 
 
+async def offer_once(sig: Signaling) -> dict[str, Any]:
+    """The dev cloud's reply to one real offer; our side is closed again at once."""
+    pc = rtc.new_peer_connection([])
+    pc.addTransceiver("video")
+    try:
+        offer = await rtc.create_offer(pc)
+        return await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
+    finally:
+        await rtc.close_peer_connection(pc)
+
+
 async def test_fault_refuse_offers(url: str) -> None:
     with trio.fail_after(DEADLINE):
         async with open_signaling(url) as sig, trio.open_nursery() as nursery:
             assert (await fault(url, "refuse_offers", count=1))["affected"] == 1
-            pc = rtc.new_peer_connection([])
-            pc.addTransceiver("video")
-            try:
-                offer = await rtc.create_offer(pc)
-                reply = await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
-            finally:
-                await rtc.close_peer_connection(pc)
+            reply = await offer_once(sig)
             assert reply["type"] == "error"
             assert reply["request_id"]
             client = await _connected(url, sig, nursery)  # only one was refused
@@ -563,13 +569,7 @@ async def test_fault_malform_keeps_the_request_id_and_breaks_the_shape(url: str)
             assert (reply["status"], reply["data"]) == ("two hundred", ["not", "an", "object"])
             await fault(url, "malform", reply="answer", count=1)
             assert (await state(url))["faults"]["malform"] == {"answer": 1}
-            pc = rtc.new_peer_connection([])
-            pc.addTransceiver("video")
-            try:
-                offer = await rtc.create_offer(pc)
-                reply = await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
-            finally:
-                await rtc.close_peer_connection(pc)
+            reply = await offer_once(sig)
             assert reply["type"] == "answer"
             assert "sdp" not in reply
             current = await state(url)
