@@ -4,17 +4,20 @@ everything the server sends back, judged by the brightness of the two frame halv
 The camera sends a half-white/half-black frame at 30 fps: a frame that comes back inverted
 went through the dev cloud's ``invert`` pipeline, a black one came from nobody. How the offer
 reaches the server is the caller's: straight to a :class:`~scope_trio.relay.Relay`
-(``tests/test_relay.py``) or through ``POST /api/v1/webrtc/offer`` (``tests/fault_rig.py``).
+(``tests/test_relay.py``), or through ``POST /api/v1/webrtc/offer`` with
+:func:`http_browser` (the fault rig, the metrics and log tests, the server processes of
+``tests/serve_process.py``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import httpx
 import trio
 from av import VideoFrame
 from devcloud_client import luma_halves, rgb_frame
@@ -82,6 +85,14 @@ class Browser:
                 start = len(self.seen)
                 await self._arrived.wait()
 
+    async def next_frame(self, timeout: float | None = None) -> Seen:  # noqa: ASYNC109
+        """Wait for any frame arriving from now on."""
+        start = len(self.seen)
+        with trio.fail_after(self.deadline if timeout is None else timeout):
+            while len(self.seen) == start:
+                await self._arrived.wait()
+        return self.seen[start]
+
     def send(self, update: Mapping[str, Any]) -> None:
         """A parameter update on the ``parameters`` data channel, as Scope's frontend sends."""
         self.channel.send(json.dumps(dict(update)))
@@ -124,3 +135,24 @@ async def open_browser(send_offer: SendOffer, *, deadline: float = 10.0) -> Asyn
     finally:
         camera.stop()
         await rtc.close_peer_connection(pc)
+
+
+def http_browser(
+    api: httpx.AsyncClient,
+    params: Mapping[str, Any] | None = None,
+    *,
+    deadline: float = 10.0,
+) -> AbstractAsyncContextManager[Browser]:
+    """A connected :class:`Browser` whose offer went through ``POST /api/v1/webrtc/offer``
+    of the server ``api`` talks to, with ``params`` as its ``initialParameters``."""
+
+    async def send_offer(sdp: str, sdp_type: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"sdp": sdp, "type": sdp_type}
+        if params is not None:
+            body["initialParameters"] = dict(params)
+        response = await api.post("/api/v1/webrtc/offer", json=body)
+        assert response.status_code == 200, response.text
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    return open_browser(send_offer, deadline=deadline)

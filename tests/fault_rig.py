@@ -36,7 +36,7 @@ import h11
 import httpx
 import hypercorn.trio
 import trio
-from browser_peer import Browser, open_browser
+from browser_peer import Browser, http_browser
 from devcloud_client import eventually, live_peer_connections
 from hypercorn.config import Config as HypercornConfig
 
@@ -288,15 +288,7 @@ def browser(
     api: httpx.AsyncClient, params: Mapping[str, Any]
 ) -> AbstractAsyncContextManager[Browser]:
     """A connected :class:`Browser` whose offer went through ``POST /api/v1/webrtc/offer``."""
-
-    async def send_offer(sdp: str, sdp_type: str) -> dict[str, Any]:
-        body = {"sdp": sdp, "type": sdp_type, "initialParameters": dict(params)}
-        response = await api.post("/api/v1/webrtc/offer", json=body)
-        assert response.status_code == 200, response.text
-        answer: dict[str, Any] = response.json()
-        return answer
-
-    return open_browser(send_offer, deadline=DEADLINE)
+    return http_browser(api, params, deadline=DEADLINE)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ graceful shutdown), then SIGKILL if it has not exited within ``stop_timeout``, a
 for; the exit status is kept for the caller to assert on.
 
 :func:`browser_session` is a browser as the relay sees one: a real aiortc peer that offers
-through the HTTP API, sends video and waits until frames processed by the dev cloud come
-back (its ``invert`` pipeline: black goes out, white comes back). Both work against any
+through the HTTP API (:func:`browser_peer.http_browser`), sends video and waits until frames
+processed by the dev cloud come back (its ``invert`` pipeline). Both work against any
 server URL, the in-process :func:`scope_trio.server.serve` too.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import signal
@@ -30,7 +29,8 @@ from typing import Any
 
 import httpx
 import trio
-from devcloud_client import eventually, mean_luma
+from browser_peer import Browser, http_browser
+from devcloud_client import eventually
 
 from scope_trio import rtc
 
@@ -158,54 +158,16 @@ async def real_offer() -> tuple[str, str]:
     return offer.sdp, candidates[0]
 
 
-@dataclass
-class BrowserSession:
-    session_id: str
-    pc: rtc.RTCPeerConnection
-    frames: trio.MemoryReceiveChannel[Any]
-
-    async def processed_frame(self) -> None:
-        """Wait for the next frame the dev cloud processed (the relay's own are black)."""
-        with trio.fail_after(FIRST_FRAME_TIMEOUT):
-            while mean_luma(await self.frames.receive()) < 200:
-                pass
-
-
 @asynccontextmanager
-async def browser_session(http: httpx.AsyncClient) -> AsyncIterator[BrowserSession]:
-    """A streaming browser for the block (see the module docstring); ``DELETE``s its session
-    and closes its peer connection on the way out. Needs an open trio-asyncio loop."""
-    pc = rtc.new_peer_connection([])
-    events = rtc.PeerEvents(pc)
-    source = rtc.TrioVideoSource(fps=30)
-    pc.addTrack(source)
-    try:
-        offer = await rtc.create_offer(pc)
-        response = await http.post("/api/v1/webrtc/offer", json={"sdp": offer.sdp, "type": "offer"})
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        await rtc.apply_answer(pc, answer["sdp"])
-        send, receive = trio.open_memory_channel[Any](math.inf)
-        async with trio.open_nursery() as media:
-
-            async def produce() -> None:
-                while True:
-                    source.push(rtc.black_frame(64, 48))
-                    await trio.sleep(1 / 30)
-
-            media.start_soon(produce)
-            with trio.fail_after(FIRST_FRAME_TIMEOUT):
-                track = await events.tracks.receive()
-            media.start_soon(rtc.receive_video, track, send.send_nowait)
-            session = BrowserSession(answer["sessionId"], pc, receive)
-            await session.processed_frame()
-            yield session
-            media.cancel_scope.cancel()
-        closed = await http.delete(f"/api/v1/webrtc/offer/{answer['sessionId']}")
+async def browser_session(http: httpx.AsyncClient) -> AsyncIterator[Browser]:
+    """A streaming browser for the block (see the module docstring), once a frame the dev
+    cloud processed came back; ``DELETE``s its session on the way out (the peer connection
+    is closed either way). Needs an open trio-asyncio loop."""
+    async with http_browser(http, deadline=FIRST_FRAME_TIMEOUT) as browser:
+        await browser.inverted_frame()
+        yield browser
+        closed = await http.delete(f"/api/v1/webrtc/offer/{browser.session_id}")
         assert closed.status_code == 204, closed.text
-    finally:
-        source.stop()
-        await rtc.close_peer_connection(pc, 5)
 
 
 async def browser_round_trip(http: httpx.AsyncClient) -> None:

@@ -16,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from browser_peer import http_browser
 from devcloud_client import running_devcloud
 from fake_cloud_ws import FakeCloudConnection, serve_fake_cloud
-from test_metrics import browser_stream, cloud_frames_flow, cloud_session, wait_status
+from test_metrics import cloud_frames_flow, cloud_session, wait_status
 
 from scope_trio import logs, rtc
 from scope_trio.cloud import CloudSettings
@@ -275,7 +276,7 @@ async def test_a_real_media_session_loss_logs_the_session_and_connection_ids() -
             await http.post("/api/v1/cloud/connect")
             connected = await wait_status(http, lambda s: s["connected"])
             connection_id = connected["connection_id"]
-            async with browser_stream(http) as browser:
+            async with http_browser(http) as browser:
                 streaming = await wait_status(http, cloud_frames_flow)
                 lost = await http.post("/api/v1/cloud/debug/disconnect-webrtc")
                 assert lost.status_code == 200, lost.text

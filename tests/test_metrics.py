@@ -3,17 +3,15 @@ real server scraped over HTTP after a real loss, recovery and link re-establishm
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from av import VideoFrame
+from browser_peer import http_browser
 from devcloud_client import fault, running_devcloud
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -260,62 +258,6 @@ async def test_a_link_loss_is_a_loss_and_its_resume_a_recovery(autojump_clock: M
 # ------------------------------------------------------------------ the real server
 
 
-@dataclass
-class Browser:
-    """A browser-like aiortc peer streaming through the relay of a real server."""
-
-    pc: rtc.RTCPeerConnection
-    session_id: str
-    frames: trio.MemoryReceiveChannel[VideoFrame]
-
-    async def next_frame(self) -> None:
-        """Wait for a frame that arrives from now on."""
-        while True:
-            try:
-                self.frames.receive_nowait()
-            except trio.WouldBlock:
-                break
-        await self.frames.receive()
-
-
-@asynccontextmanager
-async def browser_stream(
-    http: httpx.AsyncClient, params: dict[str, Any] | None = None
-) -> AsyncIterator[Browser]:
-    """Offer through ``POST /api/v1/webrtc/offer``, feed frames, receive the cloud's back."""
-    pc = rtc.new_peer_connection([])
-    events = rtc.PeerEvents(pc)
-    source = rtc.TrioVideoSource(fps=30)
-    pc.addTrack(source)
-    pc.createDataChannel("parameters", ordered=True)
-    send, receive = trio.open_memory_channel[VideoFrame](math.inf)
-    try:
-        offer = await rtc.create_offer(pc)
-        body: dict[str, Any] = {"sdp": offer.sdp, "type": offer.type}
-        if params is not None:
-            body["initialParameters"] = params
-        response = await http.post("/api/v1/webrtc/offer", json=body)
-        assert response.status_code == 200, response.text
-        answer = response.json()
-        await rtc.apply_answer(pc, answer["sdp"])
-        async with trio.open_nursery() as media:
-
-            async def produce() -> None:
-                while True:
-                    source.push(rtc.black_frame(64, 48))
-                    await trio.sleep(1 / 30)
-
-            media.start_soon(produce)
-            with trio.fail_after(20):
-                track = await events.tracks.receive()
-            media.start_soon(rtc.receive_video, track, send.send_nowait)
-            yield Browser(pc, answer["sessionId"], receive)
-            media.cancel_scope.cancel()
-    finally:
-        source.stop()
-        await rtc.close_peer_connection(pc, 5)
-
-
 async def wait_status(
     http: httpx.AsyncClient, check: Any, path: str = "/api/v1/cloud/stats"
 ) -> dict[str, Any]:
@@ -358,7 +300,7 @@ async def test_a_real_server_scraped_after_a_real_loss_recovery_and_relink() -> 
 
                 await http.post("/api/v1/cloud/connect")
                 first = await wait_status(http, lambda s: s["connected"])
-                async with browser_stream(http) as browser:
+                async with http_browser(http) as browser:
                     with trio.fail_after(20):
                         await browser.next_frame()
                     streaming = await wait_status(http, cloud_frames_flow)

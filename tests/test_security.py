@@ -165,7 +165,7 @@ async def test_the_debug_route_is_404_with_a_live_cloud_session_and_touches_noth
             assert after["webrtc_connected"] is True
             assert after["webrtc_stats"]["cloud_session"] == before["webrtc_stats"]["cloud_session"]
             assert after["webrtc_stats"]["cloud_session"]["sessions_lost"] == 0
-            await browser.processed_frame()
+            await browser.inverted_frame()
 
 
 async def test_the_debug_route_is_404_when_the_environment_sets_it_empty() -> None:
@@ -215,7 +215,7 @@ async def test_the_api_key_never_leaves_the_real_server(caplog: pytest.LogCaptur
                     assert lost.status_code == 200, lost.text
                     await status_until(http, lambda s: s["webrtc_reconnecting"])
                     await status_until(http, lambda s: s["webrtc_connected"])
-                    await browser.processed_frame()
+                    await browser.inverted_frame()
                     assert (await http.get("/api/v1/cloud/stats")).status_code == 200
                 # Request errors of every kind.
                 await http.get("/nope")

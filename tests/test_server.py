@@ -3,7 +3,6 @@ cloud, shutdown order and bounds, signals, the loopback guard, settings from env
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import selectors
@@ -18,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from browser_peer import http_browser
 
 from scope_trio import rtc
 from scope_trio.app import PIPELINE_NOT_LOADED
@@ -148,62 +148,25 @@ async def test_a_browser_streams_through_the_http_api_with_the_real_relay() -> N
         async with httpx.AsyncClient(base_url=url, timeout=20) as http:
             await http.post("/api/v1/cloud/connect")
             await poll_status(http, "connected")
-            pc = rtc.new_peer_connection([])
-            events = rtc.PeerEvents(pc)
-            source = rtc.TrioVideoSource(fps=30)
-            pc.addTrack(source)
-            pc.createDataChannel("parameters", ordered=True)
-            try:
-                offer = await rtc.create_offer(pc)
-                response = await http.post(
-                    "/api/v1/webrtc/offer",
-                    json={
-                        "sdp": offer.sdp,
-                        "type": offer.type,
-                        "initialParameters": {"prompts": [{"text": "a fox", "weight": 1}]},
-                    },
-                )
-                assert response.status_code == 200, response.text
-                answer = response.json()
-                assert answer["type"] == "answer"
-                await rtc.apply_answer(pc, answer["sdp"])
-                frames = trio.open_memory_channel[object](math.inf)
-                async with trio.open_nursery() as media:
-
-                    async def produce() -> None:
-                        while True:
-                            source.push(rtc.black_frame(64, 48))
-                            await trio.sleep(1 / 30)
-
-                    media.start_soon(produce)
-                    with trio.fail_after(20):
-                        track = await events.tracks.receive()
-                        media.start_soon(rtc.receive_video, track, frames[0].send_nowait)
-                        await frames[1].receive()
-                        await poll_status(http, "webrtc_connected")
-                    stats = (await http.get("/api/v1/cloud/stats")).json()
-                    assert answer["sessionId"] in stats["webrtc_stats"]["sessions"]
-                    lost = await http.post("/api/v1/cloud/debug/disconnect-webrtc")
-                    assert lost.status_code == 200
-                    with trio.fail_after(20):
-                        while True:
-                            stats = (await http.get("/api/v1/cloud/stats")).json()
-                            cloud = stats["webrtc_stats"]["cloud_session"]
-                            if stats["webrtc_connected"] and cloud["sessions_started"] == 2:
-                                break
-                            await trio.sleep(0.05)
-                        while True:  # frames keep flowing into the same browser track
-                            try:
-                                frames[1].receive_nowait()
-                            except trio.WouldBlock:
-                                break
-                        await frames[1].receive()
-                    assert pc.connectionState == "connected", "never renegotiated"
-                    closed = await http.delete(f"/api/v1/webrtc/offer/{answer['sessionId']}")
-                    assert closed.status_code == 204
-                    media.cancel_scope.cancel()
-            finally:
-                await rtc.close_peer_connection(pc, 5)
+            params = {"prompts": [{"text": "a fox", "weight": 1}]}
+            async with http_browser(http, params, deadline=20) as browser:
+                await browser.inverted_frame()
+                await poll_status(http, "webrtc_connected")
+                stats = (await http.get("/api/v1/cloud/stats")).json()
+                assert browser.session_id in stats["webrtc_stats"]["sessions"]
+                lost = await http.post("/api/v1/cloud/debug/disconnect-webrtc")
+                assert lost.status_code == 200
+                with trio.fail_after(20):
+                    while True:
+                        stats = (await http.get("/api/v1/cloud/stats")).json()
+                        cloud = stats["webrtc_stats"]["cloud_session"]
+                        if stats["webrtc_connected"] and cloud["sessions_started"] == 2:
+                            break
+                        await trio.sleep(0.05)
+                await browser.inverted_frame()  # frames keep flowing into the same track
+                assert browser.pc.connectionState == "connected", "never renegotiated"
+                closed = await http.delete(f"/api/v1/webrtc/offer/{browser.session_id}")
+                assert closed.status_code == 204
         stop.set()
 
 
