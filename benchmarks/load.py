@@ -40,7 +40,7 @@ backoff delay (1 s) and frames flow again into the same browser track. The runs:
 3. ``flood``: the same clients polling back to back (each waits for its answer, then asks
    again). Not a realistic client: it saturates the server on purpose, to show what the
    HTTP layer serves at most while relaying and that the stream survives it. Its fps only
-   has to stay above 0.3 of the unloaded run (before ``scope_trio.app.FAST_REQUESTS``
+   has to stay above 0.3 of the unloaded run (before ``scope_trio.http.app.FAST_REQUESTS``
    bounded the requests served at once, it fell to 0.04 and a reconnect failed).
 
 ``--modes`` picks the loaded runs (default both).

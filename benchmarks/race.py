@@ -7,8 +7,8 @@ key), stop, session loss, link loss, resume, parameter updates (replayable or on
 outcome of the next connect (ok, slow, slower than the deadline, fail, hang), a caller giving
 up on its start, virtual time passing, and bursts of several operations back to back
 (before the tasks they wake have run). They run against the real
-:class:`~scope_trio.supervisor.SessionSupervisor` with the fake cloud of
-:mod:`scope_trio.testing`. After every operation all tasks settle and the invariants of
+:class:`~scope_trio.core.supervisor.SessionSupervisor` with the fake cloud of
+:mod:`scope_trio.dev.fakes`. After every operation all tasks settle and the invariants of
 ``tests/test_supervisor_stateful.py`` are checked, plus what every call promises on return
 (a start returns only after a session connected; a superseded start raises
 StartAbortedError; stop and link loss leave no live session).
@@ -47,7 +47,7 @@ from _common import (
     make_report,
 )
 
-from scope_trio.supervisor import (
+from scope_trio.core.supervisor import (
     DEFAULT_ONE_SHOT_KEYS,
     LOST_PREFIX,
     Phase,
@@ -56,7 +56,7 @@ from scope_trio.supervisor import (
     StartAbortedError,
     StartFailedError,
 )
-from scope_trio.testing import OK, FakeCloud, Plan
+from scope_trio.dev.fakes import OK, FakeCloud, Plan
 
 BENCHMARK = "race"
 SCHEDULE_FORMAT = 1

@@ -61,7 +61,7 @@ from _common import (
 )
 from stop_latency import LINK_POLICY, POLICY, Rig, open_rig, percentiles, quiet_logs
 
-from scope_trio import devcloud
+from scope_trio.dev import devcloud
 
 BENCHMARK = "recovery"
 FAULTS = ("close_pc", "blackhole", "drop_ws", "debug")

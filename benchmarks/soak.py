@@ -29,10 +29,10 @@ import trio
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.cloud_link import LinkConfig, connect_cloud_link
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import CloudMediaSession, MediaStats, VideoInput
-from scope_trio.supervisor import SessionSupervisor
+from scope_trio.cloud.link import LinkConfig, connect_cloud_link
+from scope_trio.cloud.media import CloudMediaSession, MediaStats, VideoInput
+from scope_trio.core.supervisor import SessionSupervisor
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 
 
 async def soak(seconds: float, latency_ms: float = 0.0) -> dict[str, Any]:

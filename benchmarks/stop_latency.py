@@ -1,8 +1,8 @@
 """Stop latency with real sessions, and leaks over hundreds of start/stop/loss cycles.
 
 The real stack in one process on loopback, with the real clock: the embedded dev cloud
-(:func:`scope_trio.devcloud.serve_devcloud`), a :class:`~scope_trio.cloud.CloudManager` with
-its signaling link up, real :class:`~scope_trio.media.CloudMediaSession` peer connections
+(:func:`scope_trio.dev.devcloud.serve_devcloud`), a :class:`~scope_trio.cloud.CloudManager` with
+its signaling link up, real :class:`~scope_trio.cloud.media.CloudMediaSession` peer connections
 (aiortc under trio-asyncio, ICE consent tuned with :func:`scope_trio.rtc.tune_ice_consent`),
 a 30 fps producer and an ``on_frame`` consumer. Faults go through the dev cloud's
 ``/control/faults`` API, or :meth:`CloudManager.simulate_media_loss` (the debug route's path).
@@ -67,10 +67,10 @@ from _common import (
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import VideoInput
-from scope_trio.supervisor import Phase, ReconnectPolicy, SupervisorError
+from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy
+from scope_trio.cloud.media import VideoInput
+from scope_trio.core.supervisor import Phase, ReconnectPolicy, SupervisorError
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 
 BENCHMARK = "stop_latency"
 SCENARIOS = ("connecting", "connected", "backoff", "mid_attempt", "blackholed")

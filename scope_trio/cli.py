@@ -6,10 +6,10 @@ Subcommands:
   from the CONTRACT section-3 environment variables; flags win. With no cloud configured
   it runs the dev cloud in-process and says so in one line. SIGINT/SIGTERM shut it down
   gracefully within a bounded time; a second signal stops it at once.
-* ``devcloud`` runs the local stand-in for the cloud GPU runner (see :mod:`scope_trio.devcloud`).
+* ``devcloud`` runs the local stand-in for the cloud GPU runner (see :mod:`scope_trio.dev.devcloud`).
 
 ``serve`` logs to stderr as text, or with ``--log-json`` one JSON object per line
-(:mod:`scope_trio.logs`); either way each line carries its connection and session ids and
+(:mod:`scope_trio.ops.logs`); either way each line carries its connection and session ids and
 the api key is redacted from all of it.
 """
 
@@ -40,7 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else EXIT_USAGE
     command, rest = args[0], args[1:]
     if command == "devcloud":
-        from scope_trio.devcloud import main as devcloud_main  # noqa: PLC0415 - keeps startup light
+        from scope_trio.dev.devcloud import main as devcloud_main  # noqa: PLC0415 - keeps startup light
 
         return devcloud_main(rest)
     if command == "serve":
@@ -106,8 +106,8 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     """``scope-trio serve``: parse, check, serve until SIGINT/SIGTERM; the exit status."""
     import trio  # noqa: PLC0415 - keeps `scope-trio --help` light
 
-    from scope_trio import logs  # noqa: PLC0415
-    from scope_trio.cloud import CloudSettings  # noqa: PLC0415
+    from scope_trio.cloud.manager import CloudSettings  # noqa: PLC0415
+    from scope_trio.ops import logs  # noqa: PLC0415
     from scope_trio.server import ServerConfig, is_loopback, serve  # noqa: PLC0415
 
     args = _parser().parse_args(list(argv))

@@ -38,11 +38,11 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 
 from scope_trio import rtc
-from scope_trio.app import MIB, BrowserRelay, ScopeApp, create_app
-from scope_trio.cloud import CloudManager, CloudSettings
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.metrics import ServerMetrics
-from scope_trio.relay import Relay
+from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.http.app import MIB, BrowserRelay, ScopeApp, create_app
+from scope_trio.ops.metrics import ServerMetrics
+from scope_trio.relay.relay import Relay
 
 __all__ = ["RelayFactory", "ServerConfig", "is_loopback", "serve"]
 

@@ -3,7 +3,7 @@ everything the server sends back, judged by the brightness of the two frame halv
 
 The camera sends a half-white/half-black frame at 30 fps: a frame that comes back inverted
 went through the dev cloud's ``invert`` pipeline, a black one came from nobody. How the offer
-reaches the server is the caller's: straight to a :class:`~scope_trio.relay.Relay`
+reaches the server is the caller's: straight to a :class:`~scope_trio.relay.relay.Relay`
 (``tests/test_relay.py``), or through ``POST /api/v1/webrtc/offer`` with
 :func:`http_browser` (the fault rig, the metrics and log tests, the server processes of
 ``tests/serve_process.py``).

@@ -25,7 +25,7 @@ from aiortc import RTCDataChannel, RTCPeerConnection
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud
 
 
 def rgb_frame(width: int, height: int, left: int, right: int | None = None) -> VideoFrame:

@@ -41,12 +41,12 @@ from devcloud_client import eventually, live_peer_connections
 from hypercorn.config import Config as HypercornConfig
 
 from scope_trio import rtc
-from scope_trio.app import create_app
-from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import MediaConfig
-from scope_trio.relay import Relay
-from scope_trio.supervisor import LOST_PREFIX, ReconnectPolicy, SupervisorStatus
+from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy
+from scope_trio.cloud.media import MediaConfig
+from scope_trio.core.supervisor import LOST_PREFIX, ReconnectPolicy, SupervisorStatus
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.http.app import create_app
+from scope_trio.relay.relay import Relay
 
 logger = logging.getLogger(__name__)
 

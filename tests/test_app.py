@@ -24,12 +24,12 @@ from hypercorn.config import Config as HypercornConfig
 
 import scope_trio
 from scope_trio import rtc
-from scope_trio.app import MIB, PIPELINE_NOT_LOADED, ROUTES, ScopeApp, create_app
-from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
-from scope_trio.cloud_link import CloudLinkClosedError, CloudRequestTimeoutError
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import VideoInput
-from scope_trio.supervisor import StartFailedError
+from scope_trio.cloud.link import CloudLinkClosedError, CloudRequestTimeoutError
+from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
+from scope_trio.cloud.media import VideoInput
+from scope_trio.core.supervisor import StartFailedError
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.http.app import MIB, PIPELINE_NOT_LOADED, ROUTES, ScopeApp, create_app
 
 SENTINEL_KEY = "sk-SENTINEL-8f2c1e0b9a"
 OTHER_KEY = "sk-OTHER-SENTINEL-77aa01"
@@ -486,7 +486,7 @@ async def test_offer_errors_map_to_the_contract(
 
 
 async def test_a_hung_relay_is_a_504_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("scope_trio.app.ROUTE_TIMEOUT", 0.3)
+    monkeypatch.setattr("scope_trio.http.app.ROUTE_TIMEOUT", 0.3)
     async with running() as s:
 
         async def hang(*args: Any, **kwargs: Any) -> dict[str, str]:

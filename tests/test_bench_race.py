@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from scope_trio.supervisor import SessionSupervisor
+from scope_trio.core.supervisor import SessionSupervisor
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 

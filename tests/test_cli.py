@@ -16,7 +16,7 @@ import trio
 from devcloud_client import running_devcloud
 
 from scope_trio.cli import main
-from scope_trio.devcloud import ws_url
+from scope_trio.dev.devcloud import ws_url
 
 
 def test_unknown_command_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -81,7 +81,7 @@ async def test_serve_log_json_writes_one_json_object_per_line_without_the_key() 
     (link_up,) = [
         e
         for e in entries
-        if e["logger"] == "scope_trio.cloud" and e["message"].startswith("cloud link up")
+        if e["logger"] == "scope_trio.cloud.manager" and e["message"].startswith("cloud link up")
     ]
     assert link_up["connection_id"] == status["connection_id"]
     assert any(e["message"] == "SIGTERM: shutting down" for e in entries)

@@ -20,10 +20,10 @@ from av import VideoFrame
 from devcloud_client import eventually, live_peer_connections
 
 from scope_trio import rtc
-from scope_trio.cloud import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import VideoInput
-from scope_trio.supervisor import Phase
+from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
+from scope_trio.cloud.media import VideoInput
+from scope_trio.core.supervisor import Phase
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 
 
 def trio_task_count() -> int:

@@ -19,8 +19,8 @@ from fake_cloud_ws import (
     standard_reply,
 )
 
-from scope_trio import cloud_link
-from scope_trio.cloud_link import (
+from scope_trio.cloud import link as cloud_link
+from scope_trio.cloud.link import (
     CloudAccessDeniedError,
     CloudConnectError,
     CloudLink,
@@ -628,7 +628,7 @@ async def test_garbage_is_logged_and_survived(caplog: pytest.LogCaptureFixture) 
             await conn.send_raw(raw)
         await conn.serve(standard_reply)
 
-    caplog.set_level(logging.DEBUG, logger="scope_trio.cloud_link")
+    caplog.set_level(logging.DEBUG, logger="scope_trio.cloud.link")
     async with (
         serve_fake_cloud(garbage) as cloud,
         connect_cloud_link(config(cloud.url)) as link,

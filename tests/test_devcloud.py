@@ -24,7 +24,8 @@ from devcloud_client import (
     state,
 )
 
-from scope_trio import devcloud, rtc
+from scope_trio import rtc
+from scope_trio.dev import devcloud
 
 # Generous: real media on a loaded 2-core machine.
 DEADLINE = 20.0

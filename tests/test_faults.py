@@ -49,7 +49,7 @@ from fault_rig import (
     status_problems,
 )
 
-from scope_trio.supervisor import budget_spent_message
+from scope_trio.core.supervisor import budget_spent_message
 
 pytestmark = pytest.mark.system  # run on the pin-matrix ends only: see noxfile.py
 

@@ -82,9 +82,9 @@ from serve_process import (
 )
 
 from scope_trio import rtc
-from scope_trio.app import FAST_REQUESTS, PIPELINE_NOT_LOADED, _Api
+from scope_trio.core.session import MAX_JSON_DEPTH
+from scope_trio.http.app import FAST_REQUESTS, PIPELINE_NOT_LOADED, _Api
 from scope_trio.server import ServerConfig, serve
-from scope_trio.session import MAX_JSON_DEPTH
 
 pytestmark = pytest.mark.system  # run on the pin-matrix ends only: see noxfile.py
 
@@ -859,7 +859,7 @@ STRANDING = [
     ("POST", "/api/v1/cloud/debug/disconnect-webrtc", 10, 404),
     ("POST", "/api/v1/webrtc/offer", 2 * 1024 * 1024, 413),
 ]
-BODY_DRAIN_TIMEOUT = 2.0  # scope_trio.app.BODY_DRAIN_TIMEOUT, in the server process
+BODY_DRAIN_TIMEOUT = 2.0  # scope_trio.http.app.BODY_DRAIN_TIMEOUT, in the server process
 
 
 async def _answer_then_next(

@@ -20,7 +20,7 @@ import pytest
 from devcloud_client import eventually
 from fault_rig import Browser, Stack, browser, open_stack, recovery_problems, status_problems
 
-from scope_trio.devcloud import HOSTILE_KINDS, DevCloudConfig
+from scope_trio.dev.devcloud import HOSTILE_KINDS, DevCloudConfig
 
 pytestmark = pytest.mark.system  # run on the pin-matrix ends only: see noxfile.py
 
@@ -52,8 +52,8 @@ def messages(caplog: pytest.LogCaptureFixture, logger: str, level: int) -> list[
 
 def assert_garbage_was_logged(caplog: pytest.LogCaptureFixture) -> None:
     """One clear line per kind of garbage (the link's logger)."""
-    warnings = messages(caplog, "scope_trio.cloud_link", logging.WARNING)
-    debug = messages(caplog, "scope_trio.cloud_link", logging.DEBUG)
+    warnings = messages(caplog, "scope_trio.cloud.link", logging.WARNING)
+    debug = messages(caplog, "scope_trio.cloud.link", logging.DEBUG)
     for wanted in (
         "ignoring non-JSON message from the cloud: 'this is not JSON {'",
         "ignoring binary frame from the cloud (",
@@ -169,7 +169,7 @@ async def test_malformed_replies_fail_their_request_and_nothing_else(
             )
             failures = [
                 line
-                for line in messages(logs, "scope_trio.supervisor", logging.WARNING)
+                for line in messages(logs, "scope_trio.core.supervisor", logging.WARNING)
                 if line.startswith("reconnect attempt")
             ]
             assert failures == [
@@ -226,7 +226,7 @@ async def test_a_message_over_the_limit_closes_the_link_clearly_and_it_is_relink
             for snapshot in s.snapshots[mark:]:
                 if not snapshot["webrtc_connected"]:
                     assert not recovery_problems(snapshot), snapshot
-        ended = messages(logs, "scope_trio.cloud", logging.WARNING)
+        ended = messages(logs, "scope_trio.cloud.manager", logging.WARNING)
         assert f"cloud link ended: code 1009, {TOO_BIG}" in ended
         assert_truthful(s)
         await assert_still_usable(s)
@@ -242,7 +242,7 @@ async def test_a_big_message_under_the_limit_is_just_ignored(
         assert pong["type"] == "pong"
         assert s.manager.status()["connection_id"] == first["connection_id"]
         assert any(
-            "'mystery'" in line for line in messages(logs, "scope_trio.cloud_link", logging.DEBUG)
+            "'mystery'" in line for line in messages(logs, "scope_trio.cloud.link", logging.DEBUG)
         )
         await assert_still_usable(s)
 

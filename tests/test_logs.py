@@ -21,10 +21,11 @@ from devcloud_client import running_devcloud
 from fake_cloud_ws import FakeCloudConnection, serve_fake_cloud
 from test_metrics import cloud_frames_flow, cloud_session, wait_status
 
-from scope_trio import logs, rtc
-from scope_trio.cloud import CloudSettings
-from scope_trio.cloud_link import LinkConfig, connect_cloud_link
-from scope_trio.devcloud import ws_url
+from scope_trio import rtc
+from scope_trio.cloud.link import LinkConfig, connect_cloud_link
+from scope_trio.cloud.manager import CloudSettings
+from scope_trio.dev.devcloud import ws_url
+from scope_trio.ops import logs
 from scope_trio.server import ServerConfig, serve
 
 # A quote and a backslash: JSON escapes them, so redacting after encoding would miss them.
@@ -233,7 +234,7 @@ async def test_a_real_link_logs_its_connection_id_and_never_the_key() -> None:
     output = stream.getvalue()
     assert KEY not in output
     entries = parsed(stream)
-    link_lines = [e for e in entries if e["logger"] in ("scope_trio.cloud_link", "scope.cloud")]
+    link_lines = [e for e in entries if e["logger"] in ("scope_trio.cloud.link", "scope.cloud")]
     messages = [e["message"] for e in link_lines]
     assert any(m.startswith("cloud link up") for m in messages), messages
     assert "t - scope.server - WARNING - key ***" in messages, "the cloud's own line"
@@ -293,28 +294,28 @@ async def test_a_real_media_session_loss_logs_the_session_and_connection_ids() -
     assert KEY not in output
     entries = parsed(stream)
 
-    for logger in ("scope_trio.cloud", "scope_trio.cloud_link"):
+    for logger in ("scope_trio.cloud.manager", "scope_trio.cloud.link"):
         for entry in one(entries, logger, r"cloud link up"):
             assert entry["connection_id"] == connection_id
 
     # The cloud's session ids, each on the lines about it (logged in its own tasks).
-    connects = one(entries, "scope_trio.media", r"cloud media session (\w+) connected")
+    connects = one(entries, "scope_trio.cloud.media", r"cloud media session (\w+) connected")
     ids = [re.findall(r"session (\w+)", e["message"])[0] for e in connects]
     assert len(set(ids)) == 2, "two cloud sessions: the lost one and its replacement"
     for entry, session_id in zip(connects, ids, strict=True):
         assert (entry["connection_id"], entry["session_id"]) == (connection_id, session_id)
-    (loss,) = one(entries, "scope_trio.media", r"cloud media session (\w+) lost")
+    (loss,) = one(entries, "scope_trio.cloud.media", r"cloud media session (\w+) lost")
     assert loss["session_id"] == ids[0]
     assert loss["connection_id"] == connection_id
-    (reported,) = one(entries, "scope_trio.supervisor", r"media session lost: ")
+    (reported,) = one(entries, "scope_trio.core.supervisor", r"media session lost: ")
     assert (reported["connection_id"], reported["session_id"]) == (connection_id, ids[0])
     # The supervisor's own lines are about the link's outage, not one session.
-    (attempt,) = one(entries, "scope_trio.supervisor", r"reconnect attempt 1/3")
+    (attempt,) = one(entries, "scope_trio.core.supervisor", r"reconnect attempt 1/3")
     assert (attempt["connection_id"], attempt["session_id"]) == (connection_id, "")
 
     # The relay's lines carry the browser session id, from its tasks or explicitly.
     for pattern in (r"browser session \S+ answered", r"browser session \S+ closed"):
-        (entry,) = one(entries, "scope_trio.relay", pattern)
+        (entry,) = one(entries, "scope_trio.relay.relay", pattern)
         assert entry["session_id"] == browser.session_id
-    for entry in one(entries, "scope_trio.relay", r"cloud media session for browser session"):
+    for entry in one(entries, "scope_trio.relay.relay", r"cloud media session for browser session"):
         assert entry["session_id"] == browser.session_id

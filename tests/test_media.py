@@ -21,10 +21,10 @@ from av import VideoFrame
 from devcloud_client import eventually, live_peer_connections, luma_halves, rgb_frame
 
 from scope_trio import rtc
-from scope_trio.cloud_link import LinkConfig, connect_cloud_link
-from scope_trio.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
-from scope_trio.supervisor import Phase, ReconnectPolicy, SessionSupervisor, SupervisorStatus
+from scope_trio.cloud.link import LinkConfig, connect_cloud_link
+from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.core.supervisor import Phase, ReconnectPolicy, SessionSupervisor, SupervisorStatus
+from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 
 logger = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio.testing import MockClock
 
 from scope_trio import rtc
-from scope_trio.app import create_app, openapi_document
-from scope_trio.cloud import CloudManager, CloudSettings
-from scope_trio.devcloud import ws_url
-from scope_trio.metrics import LOSS_REASONS, MediaMetrics, classify_loss
-from scope_trio.relay import Relay
+from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.core.supervisor import Phase, ReconnectPolicy, SessionSupervisor, StartFailedError
+from scope_trio.dev.devcloud import ws_url
+from scope_trio.dev.fakes import FakeCloud, Plan
+from scope_trio.http.app import create_app, openapi_document
+from scope_trio.ops.metrics import LOSS_REASONS, MediaMetrics, classify_loss
+from scope_trio.relay.relay import Relay
 from scope_trio.server import ServerConfig, serve
-from scope_trio.supervisor import Phase, ReconnectPolicy, SessionSupervisor, StartFailedError
-from scope_trio.testing import FakeCloud, Plan
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 

@@ -50,10 +50,10 @@ from devcloud_client import eventually, running_devcloud
 from serve_process import browser_session, serve_process, wait_connected
 
 from scope_trio import rtc
-from scope_trio.app import MAX_POSTED_SECRETS, MIB, PIPELINE_NOT_LOADED, Redactor
 from scope_trio.cli import serve_main
-from scope_trio.cloud import CloudSettings
-from scope_trio.devcloud import ws_url
+from scope_trio.cloud.manager import CloudSettings
+from scope_trio.dev.devcloud import ws_url
+from scope_trio.http.app import MAX_POSTED_SECRETS, MIB, PIPELINE_NOT_LOADED, Redactor
 from scope_trio.server import ServerConfig, serve
 
 pytestmark = pytest.mark.system  # run on the pin-matrix ends only: see noxfile.py

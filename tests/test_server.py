@@ -20,9 +20,9 @@ import trio
 from browser_peer import http_browser
 
 from scope_trio import rtc
-from scope_trio.app import PIPELINE_NOT_LOADED
 from scope_trio.cli import serve_main
-from scope_trio.cloud import CloudManager, CloudSettings
+from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.http.app import PIPELINE_NOT_LOADED
 from scope_trio.server import ServerConfig, is_loopback, serve
 
 URL_LINE = re.compile(r"open (http://\S+) in your browser")

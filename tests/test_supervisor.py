@@ -16,7 +16,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from scope_trio.supervisor import (
+from scope_trio.core.supervisor import (
     Phase,
     ReconnectPolicy,
     SessionSupervisor,
@@ -27,7 +27,7 @@ from scope_trio.supervisor import (
     intensity_message,
     lost_message,
 )
-from scope_trio.testing import OK, FakeCloud, FakeState, Plan
+from scope_trio.dev.fakes import OK, FakeCloud, FakeState, Plan
 
 FINAL = (
     "Remote inference connection lost. Reconnection failed after 3 attempts. "

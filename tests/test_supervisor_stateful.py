@@ -21,14 +21,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from scope_trio.supervisor import (
+from scope_trio.core.supervisor import (
     DEFAULT_ONE_SHOT_KEYS,
     LOST_PREFIX,
     Phase,
     SessionSupervisor,
     SupervisorError,
 )
-from scope_trio.testing import OK, FakeCloud, Plan
+from scope_trio.dev.fakes import OK, FakeCloud, Plan
 
 T = TypeVar("T")
 

@@ -7,10 +7,10 @@ Where every number comes from (STYLE: one place owns each piece of state, and a 
 derived from that owner, never a second copy kept in sync by hand):
 
 * **State, read at scrape time** by collectors: the supervisor's
-  :class:`~scope_trio.supervisor.SupervisorStatus` (phase, sessions started and lost), the
+  :class:`~scope_trio.core.supervisor.SupervisorStatus` (phase, sessions started and lost), the
   manager's link state (connected, connecting, links established, re-established, lost),
-  the current link's :class:`~scope_trio.cloud_link.LinkStats` (requests by type),
-  :class:`~scope_trio.media.MediaStats` (offers, frames to and from the cloud) and the
+  the current link's :class:`~scope_trio.cloud.link.LinkStats` (requests by type),
+  :class:`~scope_trio.cloud.media.MediaStats` (offers, frames to and from the cloud) and the
   relay's counters (browser sessions, frames relayed). A scrape shows exactly what the
   status API would show at that instant.
 * **Events, observed**: reconnect attempts and their outcomes, give-ups, loss reasons, and
@@ -33,7 +33,7 @@ derived from that owner, never a second copy kept in sync by hand):
   backoff (>= ``base_delay``) has passed, so the read is of the lost session's last frame.
 
 Transitions counted by :class:`MediaMetrics` (phases of
-:class:`~scope_trio.supervisor.Phase`):
+:class:`~scope_trio.core.supervisor.Phase`):
 
 ==============================  ==============================================================
 ``* → RECONNECTING``            a reconnect attempt (a resume after a re-link is one too)
@@ -62,11 +62,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from scope_trio.supervisor import Phase, SessionSupervisor, SupervisorStatus
+from scope_trio.core.supervisor import Phase, SessionSupervisor, SupervisorStatus
 
 if TYPE_CHECKING:
-    from scope_trio.cloud import CloudManager
-    from scope_trio.relay import Relay
+    from scope_trio.cloud.manager import CloudManager
+    from scope_trio.relay.relay import Relay
 
 __all__ = [
     "CONTENT_TYPE",
@@ -111,7 +111,7 @@ CATCH_UP_TIMEOUT = 1.0
 def classify_loss(reason: str | None) -> str:
     """The bounded ``reason`` label for a loss reason of free text (never the text itself).
 
-    Matches the reasons :mod:`scope_trio.media` and the supervisor give: "peer connection
+    Matches the reasons :mod:`scope_trio.cloud.media` and the supervisor give: "peer connection
     closed", "no video from the cloud for 2 s", "cloud video track ended", "media session
     crashed: ...", and any mention of ICE consent or silence (a path that went quiet).
     """

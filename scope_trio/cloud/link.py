@@ -40,7 +40,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from scope_trio import logs
+from scope_trio.ops import logs
 
 __all__ = [
     "CloudAccessDeniedError",

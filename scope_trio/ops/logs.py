@@ -9,7 +9,7 @@ moment it becomes known. Trio gives every new task a copy of its spawner's conte
 binding reaches the task itself and the tasks it starts afterwards, never its parent or
 siblings:
 
-* :class:`~scope_trio.cloud_link.CloudLink` binds ``connection_id`` in its own task when
+* :class:`~scope_trio.cloud.link.CloudLink` binds ``connection_id`` in its own task when
   ``ready`` arrives: its receive loop (cloud messages, the cloud's re-logged ``logs`` lines)
   and its heartbeat, started after, carry it;
 * :class:`~scope_trio.cloud.CloudManager` binds it in its link keeper once the link is up
@@ -17,10 +17,10 @@ siblings:
   it for the supervisor run it starts (a run never outlives its link: a link loss supersedes
   it), with no session id: the supervisor's own lines (reconnect attempts) are about no one
   session;
-* :class:`~scope_trio.media.CloudMediaSession` binds ``session_id`` when the cloud's answer
+* :class:`~scope_trio.cloud.media.CloudMediaSession` binds ``session_id`` when the cloud's answer
   names it: its loss watchers, and the supervisor's "media session lost" line they trigger,
   carry it;
-* :class:`~scope_trio.relay.Relay` binds the browser session id in the session's task: every
+* :class:`~scope_trio.relay.relay.Relay` binds the browser session id in the session's task: every
   task of that browser session carries it.
 
 A line logged from a task that cannot know an id (an HTTP handler answering an offer, an

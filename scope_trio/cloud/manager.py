@@ -2,7 +2,7 @@
 
 Imports flow one way: the HTTP layer → :class:`CloudManager` → :class:`SessionSupervisor` →
 :class:`CloudMediaSession` → :mod:`scope_trio.rtc`; the manager also owns the signaling link
-(:func:`scope_trio.cloud_link.connect_cloud_link`). Nothing here imports the HTTP layer.
+(:func:`scope_trio.cloud.link.connect_cloud_link`). Nothing here imports the HTTP layer.
 
 Supervision::
 
@@ -11,7 +11,7 @@ Supervision::
     │   └── connect_cloud_link (block)      receive loop + heartbeat in the link's nursery
     │       └── after a re-link: replay the last pipeline load, then resume the media session
     ├── CloudManager._forward_media_changes
-    └── SessionSupervisor runs               (see scope_trio.supervisor)
+    └── SessionSupervisor runs               (see scope_trio.core.supervisor)
 
 Beyond Scope: when an established link drops without us asking, it is re-established
 (``LinkPolicy``), the last pipeline load is replayed and the media session resumes with its
@@ -34,17 +34,17 @@ from typing import Any
 import trio
 from av import VideoFrame
 
-from scope_trio import logs
-from scope_trio.cloud_link import (
+from scope_trio.cloud.link import (
     CloudConnectError,
     CloudLink,
     CloudLinkError,
     LinkConfig,
     connect_cloud_link,
 )
-from scope_trio.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
-from scope_trio.session import MediaSession, SessionClosedError
-from scope_trio.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
+from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.core.session import MediaSession, SessionClosedError
+from scope_trio.core.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
+from scope_trio.ops import logs
 
 logger = logging.getLogger(__name__)
 

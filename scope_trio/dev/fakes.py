@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from scope_trio.session import Parameters, SessionClosedError
+from scope_trio.core.session import Parameters, SessionClosedError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class FakeState(enum.Enum):
 
 
 class FakeSession:
-    """One scripted session. Implements :class:`scope_trio.session.MediaSession`."""
+    """One scripted session. Implements :class:`scope_trio.core.session.MediaSession`."""
 
     def __init__(self, cloud: FakeCloud, index: int, plan: Plan) -> None:
         self.cloud = cloud

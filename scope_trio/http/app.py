@@ -18,13 +18,13 @@ Decisions where the contract is silent (each is tested):
 * Unknown path: 404 ``{"detail": "Not Found"}``; wrong method: 405 ``{"detail": "Method Not
   Allowed"}`` (FastAPI's words). The debug route, when disabled, says ``"Not found"`` as Scope.
 * Any await that could hang has a deadline (:data:`ROUTE_TIMEOUT`); running out is **504**.
-* The relay raising :class:`~scope_trio.cloud_link.CloudLinkError` or
-  :class:`~scope_trio.supervisor.SupervisorError` while starting the cloud session is **502**.
+* The relay raising :class:`~scope_trio.cloud.link.CloudLinkError` or
+  :class:`~scope_trio.core.supervisor.SupervisorError` while starting the cloud session is **502**.
 * ``GET /api/v1/webrtc/ice-servers`` without a cloud link answers ``{"iceServers": []}``: the
   browser talks to this server, normally over loopback, and the machine may be offline.
 * Beyond Scope: ``GET /api/v1/cloud/events`` (Server-Sent Events of CloudStatus),
   ``GET /api/v1/config`` (what the status page needs to know), ``GET /openapi.json``,
-  ``GET /metrics`` (Prometheus, :mod:`scope_trio.metrics`) and the status page at ``/``.
+  ``GET /metrics`` (Prometheus, :mod:`scope_trio.ops.metrics`) and the status page at ``/``.
 
 The api key never leaves: :class:`CloudSettings` and pydantic's ``SecretStr`` keep it out of
 reprs, and every JSON body and event the app writes passes through :class:`Redactor`, which
@@ -57,13 +57,14 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, NotFound
 
-from scope_trio import __version__, logs
-from scope_trio.cloud import CloudManager, NotConnectedError
-from scope_trio.cloud_link import CloudLinkError
-from scope_trio.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from scope_trio.metrics import ServerMetrics
-from scope_trio.session import JsonTooDeepError, loads_json
-from scope_trio.supervisor import SupervisorError
+from scope_trio import __version__
+from scope_trio.cloud.link import CloudLinkError
+from scope_trio.cloud.manager import CloudManager, NotConnectedError
+from scope_trio.core.session import JsonTooDeepError, loads_json
+from scope_trio.core.supervisor import SupervisorError
+from scope_trio.ops import logs
+from scope_trio.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from scope_trio.ops.metrics import ServerMetrics
 
 __all__ = [
     "MIB",
@@ -95,7 +96,7 @@ ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class BrowserRelay(Protocol):
-    """What the routes need from :class:`scope_trio.relay.Relay` (browser sessions)."""
+    """What the routes need from :class:`scope_trio.relay.relay.Relay` (browser sessions)."""
 
     async def offer(
         self,

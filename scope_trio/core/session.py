@@ -13,8 +13,8 @@ learns about the session's life only through :meth:`MediaSession.run`:
   the way out, it must close everything it opened, shielded and under its own deadline,
   so that the next attempt never overlaps a half-closed session.
 
-The real implementation is :class:`scope_trio.media.CloudMediaSession`; the deterministic
-fake used by the race tests is :class:`scope_trio.testing.FakeCloud`.
+The real implementation is :class:`scope_trio.cloud.media.CloudMediaSession`; the deterministic
+fake used by the race tests is :class:`scope_trio.dev.fakes.FakeCloud`.
 """
 
 from __future__ import annotations

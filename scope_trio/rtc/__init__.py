@@ -935,7 +935,7 @@ FAST_CONSENT = ConsentTiming(interval=0.3, failures=3, rto=1.0)
 """Frequent checks with a timeout safe for real round trips: what the server uses.
 
 The checks go out every ~0.3 s, so even without video the peer's answers arrive every
-0.3 s + RTT: that keeps :class:`scope_trio.media.CloudMediaSession`'s path-silence signal
+0.3 s + RTT: that keeps :class:`scope_trio.cloud.media.CloudMediaSession`'s path-silence signal
 (no datagram for 1 s: the path is dead, detected in ~1.05 s whatever the RTT) from firing
 during a pause. The 1 s timeout lets every check pass on paths with up to 1 s of round trip;
 consent then closes a silent path after ~3.5-4 s, a backstop behind path silence. (The

@@ -52,11 +52,12 @@ from typing import Any
 import trio
 from av import VideoFrame
 
-from scope_trio import logs, rtc
-from scope_trio.cloud import CloudManager, NotConnectedError
-from scope_trio.media import VideoInput
-from scope_trio.session import JsonTooDeepError, loads_json, nested_deeper_than
-from scope_trio.supervisor import SupervisorError
+from scope_trio import rtc
+from scope_trio.cloud.manager import CloudManager, NotConnectedError
+from scope_trio.cloud.media import VideoInput
+from scope_trio.core.session import JsonTooDeepError, loads_json, nested_deeper_than
+from scope_trio.core.supervisor import SupervisorError
+from scope_trio.ops import logs
 
 __all__ = ["Relay"]
 

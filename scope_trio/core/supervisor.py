@@ -43,7 +43,7 @@ from typing import Any
 
 import trio
 
-from scope_trio.session import (
+from scope_trio.core.session import (
     JsonTooDeepError,
     MediaSession,
     Parameters,

@@ -1,6 +1,6 @@
 """The real cloud media session: one aiortc peer connection to the cloud, run from trio.
 
-:class:`CloudMediaSession` implements :class:`scope_trio.session.MediaSession`, so the
+:class:`CloudMediaSession` implements :class:`scope_trio.core.session.MediaSession`, so the
 reconnect supervisor drives it exactly as it drives the fake. Per session:
 
 1. ``get_ice_servers`` over the signaling link; a new peer connection with exactly those;
@@ -34,8 +34,9 @@ from typing import Any, Protocol
 import trio
 from av import VideoFrame
 
-from scope_trio import logs, rtc
-from scope_trio.session import SessionClosedError
+from scope_trio import rtc
+from scope_trio.core.session import SessionClosedError
+from scope_trio.ops import logs
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ SILENCE_CONFIRM = 0.05
 
 
 class Signaling(Protocol):
-    """The part of :class:`scope_trio.cloud_link.CloudLink` a media session needs."""
+    """The part of :class:`scope_trio.cloud.link.CloudLink` a media session needs."""
 
     async def request(
         self,
