@@ -124,13 +124,14 @@ async def running(
                 base = await outer.start(partial(serve_devcloud, cloud))
                 settings = CloudSettings(ws_url=ws_url(base), api_key=api_key)
                 cloud_http = httpx.AsyncClient(base_url=base, timeout=10)
-            async with trio.open_nursery() as nursery:
-                manager = CloudManager(
-                    nursery,
+            async with (
+                CloudManager.open(
                     settings,
                     link_policy=LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
-                )
+                ) as manager,
+                trio.open_nursery() as nursery,
+            ):
                 relay = FakeRelay()
                 app = create_app(
                     manager,

@@ -6,7 +6,7 @@ Imports flow one way: the HTTP layer → :class:`CloudManager` → :class:`Sessi
 
 Supervision::
 
-    owner's nursery
+    CloudManager.open()'s nursery
     ├── CloudManager._maintain_link        cancel scope: cancelled by disconnect()/connect()
     │   └── connect_cloud_link (block)      receive loop + heartbeat in the link's nursery
     │       └── after a re-link: replay the last pipeline load, then resume the media session
@@ -27,7 +27,7 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -133,9 +133,43 @@ class _NoLinkSession:
 class CloudManager:
     """Owns the cloud link and the media supervisor, and derives CloudStatus from both.
 
-    Construct it with a nursery that outlives it (the server's). Call from trio tasks of
-    that run only.
+    Open it with ``async with CloudManager.open(settings) as manager``: :meth:`open` owns the
+    nursery every task of the manager runs in (the link keeper, the media supervisor's runs,
+    the status forwarder) and, on leaving the block, disconnects (shielded, bounded) and
+    cancels whatever is left. Call from trio tasks of that run only.
     """
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        settings: CloudSettings | None = None,
+        *,
+        policy: ReconnectPolicy | None = None,
+        link_policy: LinkPolicy | None = None,
+        media_config: MediaConfig | None = None,
+        link_options: Mapping[str, Any] | None = None,
+        close_timeout: float = 15.0,
+    ) -> AsyncIterator[CloudManager]:
+        """The manager for the block; when the block ends, so has every task it started."""
+        async with trio.open_nursery() as nursery:
+            manager = cls(
+                nursery,
+                settings,
+                policy=policy,
+                link_policy=link_policy,
+                media_config=media_config,
+                link_options=link_options,
+            )
+            await nursery.start(manager._forward_media_changes)  # before anything can change
+            try:
+                yield manager
+            finally:
+                with trio.move_on_after(close_timeout, shield=True) as bounded:
+                    await manager.disconnect()
+                if bounded.cancelled_caught:
+                    logger.warning("disconnect overran %g s; cancelling it", close_timeout)
+                nursery.cancel_scope.cancel()
 
     def __init__(
         self,
@@ -167,7 +201,6 @@ class CloudManager:
         self._version = 0
         self._changed = trio.Event()
         self._lock = trio.Lock()  # serialises connect/disconnect
-        nursery.start_soon(self._forward_media_changes)
 
     # ------------------------------------------------------------------ status
 
@@ -247,8 +280,11 @@ class CloudManager:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _forward_media_changes(self) -> None:
+    async def _forward_media_changes(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with self.supervisor.watch() as changes:
+            task_status.started()
             async for _ in changes:
                 self._touch()
 
