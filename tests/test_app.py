@@ -487,7 +487,7 @@ async def test_offer_errors_map_to_the_contract(
 
 
 async def test_a_hung_relay_is_a_504_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("scope_trio.http.app.ROUTE_TIMEOUT", 0.3)
+    monkeypatch.setattr("scope_trio.http.asgi.ROUTE_TIMEOUT", 0.3)
     async with running() as s:
 
         async def hang(*args: Any, **kwargs: Any) -> dict[str, str]:
