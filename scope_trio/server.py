@@ -115,7 +115,7 @@ async def serve(
     Reports the bound URL (``http://127.0.0.1:8000``) through ``task_status`` once the HTTP
     server accepts connections. Returns only after everything it started is closed.
     """
-    previous = rtc.tune_ice_consent() if config.tune_ice_consent else None
+    previous = rtc.configure_process(rtc.FAST_CONSENT if config.tune_ice_consent else None)
     try:
         async with rtc.open_loop(), trio.open_nursery() as root:
             settings, cloud_url = config.cloud, None
