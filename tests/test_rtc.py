@@ -766,6 +766,21 @@ async def test_a_reach_in_fails_loudly_instead_of_doing_nothing(
         assert await raw.close_peer_connection(pc)
 
 
+async def test_no_loop_hosts_peer_connections_when_internals_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every loop runs the check once per process: an embedding that never calls
+    configure_process still cannot create a peer connection without the fixes."""
+    monkeypatch.delattr(RTCPeerConnection, "_RTCPeerConnection__connect")
+    internals.verify_once.cache_clear()
+    try:
+        with pytest.raises(internals.AiortcInternalsChanged, match="__connect"):
+            async with rtc.open_loop():
+                pass  # pragma: no cover - the loop refuses before the body runs
+    finally:
+        internals.verify_once.cache_clear()
+
+
 def test_configure_process_verifies_then_applies_consent(monkeypatch: pytest.MonkeyPatch) -> None:
     original = rtc.get_ice_consent()
     try:

@@ -42,6 +42,7 @@ __all__ = [
     "AiortcInternalsChanged",
     "Reliance",
     "verify",
+    "verify_once",
 ]
 
 
@@ -78,6 +79,15 @@ def verify() -> None:
     ]
     if problems:
         raise AiortcInternalsChanged(problems)
+
+
+@functools.cache
+def verify_once() -> None:
+    """:func:`verify`, once per process after it first passed (a failure is not cached:
+    every later call raises again). Every loop that hosts peer connections runs it, so an
+    embedding that never calls ``configure_process`` is still checked before the first peer
+    connection exists."""
+    verify()
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,8 +45,10 @@ async def open_loop() -> AsyncIterator[object]:
     Nesting is allowed (measured: a loop opened inside another in the same trio run works,
     and peers in the two loops connect to each other): a component that owns aiortc objects
     may open its own loop without knowing whether its caller already has one. The loop is
-    fixed at once (:func:`ensure_loop`).
+    fixed at once (:func:`ensure_loop`); before it opens, the installed aiortc/aioice are
+    checked (``AiortcInternalsChanged``, raised as is).
     """
+    internals.verify_once()
     async with trio_asyncio.open_loop() as loop:
         ensure_loop()
         yield loop
@@ -88,10 +90,13 @@ def ensure_loop() -> asyncio.AbstractEventLoop:
     the record of every socket aioice binds (see the internals' ``record_bound_sockets``).
 
     Called for every peer connection, so loops opened without :func:`open_loop` (e.g. a
-    test fixture's) are fixed too. ``RuntimeError`` outside an open loop.
+    test fixture's) are fixed too. ``RuntimeError`` outside an open loop;
+    ``AiortcInternalsChanged`` if the installed aiortc/aioice fail the internals' check
+    (run once per process), so no peer connection runs without the fixes it relies on.
     """
     loop = current_loop()
     if loop not in _fixed_loops:
+        internals.verify_once()
         loop.set_default_executor(_AbandoningExecutor())
         loop.set_exception_handler(_log_background_error)
         internals.record_bound_sockets(loop)
