@@ -19,7 +19,7 @@ that has been connected for at least 0.6 s with frames flowing:
 What is measured, all from ``t0`` = the moment just before the fault is requested (the
 ``/control/faults`` round trip, a few ms on loopback, is inside every figure); for ``drop_ws``
 from the moment the dev cloud actually cut the TCP connection: its fault handler first finds
-the socket by scanning the whole heap (``devcloud._abort_tcp``, 15-80 ms in this process),
+the socket by scanning the whole heap (``devcloud.faults.abort_tcp``, 15-80 ms in this process),
 which is the injector's delay, not scope-trio's. That delay is reported as ``injection_lag``
 (request to cut, not checked); the benchmark times the cut by wrapping ``_abort_tcp``:
 
@@ -61,7 +61,7 @@ from _common import (
 )
 from stop_latency import LINK_POLICY, POLICY, Rig, open_rig, percentiles, quiet_logs
 
-from scope_trio.dev import devcloud
+from scope_trio.dev.devcloud import faults as devcloud_faults
 
 BENCHMARK = "recovery"
 FAULTS = ("close_pc", "blackhole", "drop_ws", "debug")
@@ -110,18 +110,18 @@ TCP_CUTS: list[float] = []
 @contextlib.contextmanager
 def timing_tcp_cuts() -> Iterator[None]:
     """Record when the in-process dev cloud really cuts a TCP connection (see the docstring)."""
-    abort_tcp = devcloud._abort_tcp
+    abort_tcp = devcloud_faults.abort_tcp
 
     def timed(scope: Any) -> bool:
         cut = abort_tcp(scope)
         TCP_CUTS.append(trio.current_time())
         return cut
 
-    devcloud._abort_tcp = timed
+    devcloud_faults.abort_tcp = timed
     try:
         yield
     finally:
-        devcloud._abort_tcp = abort_tcp
+        devcloud_faults.abort_tcp = abort_tcp
 
 
 async def one_run(r: Rig, fault: str) -> dict[str, float]:

@@ -422,10 +422,8 @@ async def test_metrics_is_documented_and_404_without_metrics() -> None:
     responses = openapi_document()["paths"]["/metrics"]["get"]["responses"]
     assert "text/plain" in responses["200"]["content"]
     assert "404" in responses
-    async with trio.open_nursery() as nursery:
-        manager = CloudManager(nursery, CloudSettings())
-        app = create_app(manager, Relay(manager, nursery), debug_endpoints=False)
+    async with CloudManager.open(CloudSettings()) as manager, Relay.open(manager) as relay:
+        app = create_app(manager, relay, debug_endpoints=False)
         response = await app.test_client().get("/metrics")
         assert response.status_code == 404
         assert await response.get_json() == {"detail": "Not found"}
-        nursery.cancel_scope.cancel()

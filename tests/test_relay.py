@@ -76,22 +76,19 @@ async def rig(*, connect: bool = True, **relay_options: Any) -> AsyncIterator[Ri
         async with rtc.open_loop(), trio.open_nursery() as outer:
             config = DevCloudConfig(pipeline="invert")
             base_url = await outer.start(partial(serve_devcloud, config))
-            async with httpx.AsyncClient(base_url=base_url) as http, trio.open_nursery() as nursery:
-                manager = CloudManager(
-                    nursery,
+            async with (
+                httpx.AsyncClient(base_url=base_url) as http,
+                CloudManager.open(
                     CloudSettings(ws_url=ws_url(base_url)),
                     link_policy=LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
-                )
-                r = Rig(manager, Relay(manager, nursery, fps=FPS, **relay_options), http)
+                ) as manager,
+                Relay.open(manager, fps=FPS, **relay_options) as relay,
+            ):
+                r = Rig(manager, relay, http)
                 if connect:
                     await r.connect()
-                try:
-                    yield r
-                finally:
-                    await r.relay.close_all()
-                    await manager.disconnect()
-                    nursery.cancel_scope.cancel()
+                yield r
 
                 # Nothing leaks, whatever the test did: no peer connection on either side.
                 async def all_closed() -> bool:

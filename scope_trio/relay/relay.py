@@ -8,7 +8,7 @@ this module owns only the browser side.
 
 Supervision (everything runs in a nursery someone owns)::
 
-    owner's nursery (the server's)
+    Relay.open()'s nursery
     └── Relay._run_session             one per browser session, in the session's cancel scope
         └── session nursery
             ├── _watch_connection      browser pc closed/failed, or never connected: the end
@@ -40,12 +40,13 @@ run inside an open trio-asyncio loop (:func:`scope_trio.rtc.open_loop`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -156,10 +157,27 @@ class _BrowserSession:
 class Relay:
     """The browser sessions of relay mode (see the module docstring).
 
-    Construct it with the manager that owns the cloud connection and a nursery that outlives
-    every browser session (the server's). Call it from trio tasks of that run, inside the
-    open trio-asyncio loop.
+    Open it with ``async with Relay.open(manager) as relay``: :meth:`open` owns the nursery
+    every browser session runs in and closes them all (shielded, bounded) when the block
+    ends. Call it from trio tasks of that run, inside the open trio-asyncio loop.
     """
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, manager: CloudManager, *, close_timeout: float = 15.0, **options: Any
+    ) -> AsyncIterator[Relay]:
+        """The relay for the block; when the block ends, every browser session is closed."""
+        async with trio.open_nursery() as nursery:
+            relay = cls(manager, nursery, **options)
+            try:
+                yield relay
+            finally:
+                with trio.move_on_after(close_timeout, shield=True) as bounded:
+                    await relay.close_all()
+                if bounded.cancelled_caught:
+                    logger.warning("closing browser sessions overran %g s", close_timeout)
+                nursery.cancel_scope.cancel()
 
     def __init__(
         self,

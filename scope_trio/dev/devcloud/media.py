@@ -1,0 +1,175 @@
+"""The dev cloud's media side: one peer connection per answered offer.
+
+This is the only module of the dev cloud that touches aiortc (through :mod:`scope_trio.rtc`):
+creating and closing peer connections, answering offers, adding ICE candidates, receiving and
+sending video, the ``parameters`` data channel and the datagram filter the network faults use.
+The rest of the dev cloud sees a :class:`CloudSession` and plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING, Any
+
+import trio
+from av import VideoFrame
+
+from scope_trio import rtc
+from scope_trio.dev.devcloud.config import SESSION_CLOSE_TIMEOUT
+from scope_trio.dev.devcloud.pipelines import process
+
+if TYPE_CHECKING:
+    from scope_trio.dev.devcloud.protocol import DevCloud
+
+__all__ = ["CloudSession", "open_media_loop", "open_session"]
+
+logger = logging.getLogger("scope_trio.dev.devcloud")
+
+
+def open_media_loop() -> AbstractAsyncContextManager[Any]:
+    """The event loop the dev cloud's peer connections live in (open it around serving)."""
+    return rtc.open_loop()
+
+
+class CloudSession:
+    """One answered offer: a peer connection echoing video through the current pipeline."""
+
+    def __init__(
+        self, cloud: DevCloud, pc: rtc.RTCPeerConnection, initial: Mapping[str, Any]
+    ) -> None:
+        self.cloud = cloud
+        self.id = uuid.uuid4().hex
+        self.pc = pc
+        self.events = rtc.PeerEvents(pc)
+        self.source = rtc.TrioVideoSource(idle_timeout=None)
+        self.parameters: dict[str, Any] = dict(initial)
+        self.close_requested = trio.Event()
+        self.blackhole_until = -math.inf
+        self.frames_in = 0
+        self.frames_out = 0
+
+    @property
+    def connection_state(self) -> str:
+        """The peer connection's state (``new``, ``connecting``, ``connected``, ...)."""
+        state: str = self.pc.connectionState
+        return state
+
+    def blackholed(self) -> bool:
+        until = max(self.blackhole_until, self.cloud.faults.blackhole_all_until)
+        return time.monotonic() < until
+
+    def latency(self) -> float:
+        """Seconds to hold each datagram (the ``latency`` fault), 0 for none."""
+        faults = self.cloud.faults
+        return faults.latency if time.monotonic() < faults.latency_until else 0.0
+
+    async def add_candidate(self, candidate: Any) -> bool:
+        """Add one trickled candidate (the wire dict); False for end-of-candidates (null).
+
+        Raises ValueError for a candidate that does not parse or apply.
+        """
+        parsed = rtc.parse_ice_candidate(candidate)
+        if parsed is None:
+            return False
+        await rtc.add_ice_candidate(self.pc, parsed)
+        return True
+
+    async def run(self) -> None:
+        """Echo media and record parameters until closed (by either side or a fault).
+
+        Always closes the peer connection before returning, even when cancelled.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._tracks, nursery)
+                nursery.start_soon(self._channels, nursery)
+                nursery.start_soon(self._watch_state, nursery.cancel_scope)
+                await self.close_requested.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.source.stop()
+            await rtc.close_peer_connection(self.pc, SESSION_CLOSE_TIMEOUT)
+            self.cloud.sessions.pop(self.id, None)
+            logger.info("devcloud session %s closed", self.id)
+
+    async def _watch_state(self, scope: trio.CancelScope) -> None:
+        deadline = self.cloud.config.connect_deadline
+        state: str | None = None
+        with trio.move_on_after(deadline):
+            state = await self.events.wait_state("connected", "closed", "failed")
+        if state is None:
+            logger.warning(
+                "devcloud session %s: not connected within %g s; closing it", self.id, deadline
+            )
+        else:
+            if state == "connected":
+                state = await self.events.wait_state("closed", "failed")
+            logger.info("devcloud session %s: connection %s", self.id, state)
+        scope.cancel()
+
+    async def _tracks(self, nursery: trio.Nursery) -> None:
+        async for track in self.events.tracks:
+            if track.kind == "video":
+                nursery.start_soon(rtc.receive_video, track, self._on_frame)
+            else:
+                nursery.start_soon(_drain, track)
+
+    async def _channels(self, nursery: trio.Nursery) -> None:
+        async for remote in self.events.channels:
+            if remote.channel.label == "parameters":
+                nursery.start_soon(self._parameters, remote.messages)
+
+    async def _parameters(self, messages: trio.MemoryReceiveChannel[str | bytes]) -> None:
+        async for message in messages:
+            try:
+                update = json.loads(message)
+            except ValueError:
+                logger.warning("devcloud: parameters message is not JSON: %.80r", message)
+                continue
+            if not isinstance(update, dict):
+                logger.warning("devcloud: parameters message is not an object: %.80r", message)
+                continue
+            self.parameters.update(update)
+            self.cloud.record_parameters(update)
+
+    def _on_frame(self, frame: VideoFrame) -> None:
+        self.frames_in += 1
+        self.cloud.frames_in += 1
+        if time.monotonic() < self.cloud.faults.stall_media_until:
+            return
+        self.source.push(process(self.cloud.pipeline, frame))
+        self.frames_out += 1
+        self.cloud.frames_out += 1
+
+
+async def _drain(track: rtc.MediaStreamTrack) -> None:
+    """Consume a track we do not process, so aiortc's queue for it does not grow."""
+    with contextlib.suppress(rtc.MediaStreamError):
+        while True:
+            await rtc.aio(track.recv)
+
+
+async def open_session(
+    cloud: DevCloud, sdp: str, sdp_type: str, initial: Mapping[str, Any]
+) -> tuple[CloudSession, str, str]:
+    """Answer one offer: ``(session, answer sdp, answer type)``; the caller runs the session.
+
+    Raises ValueError for an offer that cannot be answered; the peer connection is closed
+    (shielded, bounded) whenever this raises.
+    """
+    pc = rtc.new_peer_connection([])
+    session = CloudSession(cloud, pc, initial)
+    try:
+        answer = await rtc.answer_offer(pc, sdp, sdp_type, send_tracks=[session.source])
+    except BaseException:
+        await rtc.close_peer_connection(pc, SESSION_CLOSE_TIMEOUT)
+        raise
+    rtc.install_datagram_filter(pc, session.blackholed, delay=session.latency)
+    return session, answer.sdp, answer.type
