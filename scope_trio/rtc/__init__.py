@@ -72,21 +72,3 @@ __all__ = [
     "tune_ice_consent",
     "verify",
 ]
-
-# Transitional, NOT part of the API: the dev cloud and its test client still drive raw
-# aiortc objects through these names. They go once the dev cloud uses PeerConnection (it is
-# being split into a package on another branch; converting it here would collide).
-from aiortc import MediaStreamTrack as MediaStreamTrack
-from aiortc import RTCPeerConnection as RTCPeerConnection
-from aiortc.mediastreams import MediaStreamError as MediaStreamError
-
-from scope_trio.rtc.bridge import aio as aio
-from scope_trio.rtc.datagrams import install_datagram_filter as install_datagram_filter
-from scope_trio.rtc.raw import PeerEvents as PeerEvents
-from scope_trio.rtc.raw import add_ice_candidate as add_ice_candidate
-from scope_trio.rtc.raw import answer_offer as answer_offer
-from scope_trio.rtc.raw import apply_answer as apply_answer
-from scope_trio.rtc.raw import close_peer_connection as close_peer_connection
-from scope_trio.rtc.raw import create_offer as create_offer
-from scope_trio.rtc.raw import new_peer_connection as new_peer_connection
-from scope_trio.rtc.tracks import receive_video as receive_video
