@@ -154,13 +154,13 @@ class PeerConnection:
         pc = self._pc
 
         def on_state() -> None:
-            raw._offer(state_send, str(pc.connectionState))
+            raw.offer_nowait(state_send, str(pc.connectionState))
 
         def on_track(track: MediaStreamTrack) -> None:
-            raw._offer(track_send, RemoteTrack(track, self))
+            raw.offer_nowait(track_send, RemoteTrack(track, self))
 
         def on_datachannel(channel: RTCDataChannel) -> None:
-            raw._offer(channel_send, DataChannel(channel))
+            raw.offer_nowait(channel_send, DataChannel(channel))
 
         pc.on("connectionstatechange", on_state)
         pc.on("track", on_track)

@@ -55,6 +55,7 @@ __all__ = [
     "close_peer_connection",
     "create_offer",
     "new_peer_connection",
+    "offer_nowait",
     "open_message_channel",
 ]
 
@@ -267,13 +268,13 @@ class PeerEvents:
         channel_send, self.channels = trio.open_memory_channel[RemoteDataChannel](math.inf)
 
         def on_state() -> None:
-            _offer(state_send, pc.connectionState)
+            offer_nowait(state_send, pc.connectionState)
 
         def on_track(track: MediaStreamTrack) -> None:
-            _offer(track_send, track)
+            offer_nowait(track_send, track)
 
         def on_datachannel(channel: RTCDataChannel) -> None:
-            _offer(channel_send, RemoteDataChannel(channel, open_message_channel(channel)))
+            offer_nowait(channel_send, RemoteDataChannel(channel, open_message_channel(channel)))
 
         pc.on("connectionstatechange", on_state)
         pc.on("track", on_track)
@@ -298,7 +299,8 @@ class PeerEvents:
         return current
 
 
-def _offer(channel: trio.MemorySendChannel[T], value: T) -> None:
+def offer_nowait(channel: trio.MemorySendChannel[T], value: T) -> None:
+    """``send_nowait`` from an aiortc callback; dropped if the receiving side is closed."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         channel.send_nowait(value)
 
@@ -312,7 +314,7 @@ def open_message_channel(channel: RTCDataChannel) -> trio.MemoryReceiveChannel[s
     send, receive = trio.open_memory_channel[str | bytes](math.inf)
 
     def on_message(message: str | bytes) -> None:
-        _offer(send, message)
+        offer_nowait(send, message)
 
     def on_close() -> None:
         send.close()
