@@ -676,9 +676,8 @@ def test_public_types_are_real() -> None:
         assert not module.startswith(("aiortc", "aioice")), f"rtc.{name} comes from {module}"
 
 
-BOUNDARY_EXEMPT = {"dev/devcloud.py"}
-"""Production modules still allowed past the boundary: the dev cloud, being split into a
-package on another branch, is converted once that lands (then this set is empty)."""
+BOUNDARY_EXEMPT: set[str] = set()
+"""Production modules allowed past the boundary: none."""
 ASYNCIO_SIDE = ("aiortc", "aioice", "trio_asyncio")
 
 
