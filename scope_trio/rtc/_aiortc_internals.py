@@ -225,7 +225,7 @@ RELIANCES: tuple[Reliance, ...] = (
     ),
     Reliance(
         "RTCRtpReceiver._send_rtcp_pli",
-        "keyframe requests (aiortc has no public API for a PLI)",
+        "keyframe requests; aiortc has no public API for a PLI",
         _method(RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc"), coroutine=True),
     ),
     Reliance(
