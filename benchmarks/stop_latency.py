@@ -64,6 +64,7 @@ from _common import (
     make_parser,
     make_report,
 )
+from aiortc import RTCPeerConnection
 from av import VideoFrame
 
 from scope_trio import rtc
@@ -292,7 +293,7 @@ def live_peer_connections() -> int:
     return sum(
         1
         for o in gc.get_objects()
-        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
+        if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
     )
 
 

@@ -21,7 +21,7 @@ Shutdown (the block ends, or it is cancelled) runs in this order, the whole of i
 4. the embedded dev cloud stops; every remaining task is cancelled.
 
 ``open_server`` sets aioice's ICE consent timing for the WHOLE PROCESS
-(:func:`scope_trio.rtc.tune_ice_consent`, ``[ice]`` in the configuration: a silent cloud
+(:func:`scope_trio.rtc.configure_process`, ``[ice]`` in the configuration: a silent cloud
 path closes in ~4 s instead of ~31 s, a backstop to the media session's own ~1 s
 path-silence signal) and restores the previous timing when it returns.
 """
@@ -101,7 +101,8 @@ async def open_server(
     it started has ended by the time this returns.
     """
     ice = config.ice
-    previous = rtc.tune_ice_consent(ice.interval, ice.failures, ice.rto) if ice.tune else None
+    consent = rtc.ConsentTiming(ice.interval, ice.failures, ice.rto) if ice.tune else None
+    previous = rtc.configure_process(consent)
     try:
         async with rtc.open_loop(), trio.open_nursery() as root:
             settings, cloud_url = config.cloud, None

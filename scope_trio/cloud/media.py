@@ -14,8 +14,8 @@ reconnect supervisor drives it exactly as it drives the fake. Per session:
 Loss signals, each ending the session once with a reason: no datagram at all from the cloud
 for ``path_silence_timeout`` seconds (a dead path, seen in ~1.05 s whatever the round trip),
 the peer connection going ``closed``/``failed`` without us closing it (aiortc reports a lost
-path as ``closed``; with :func:`scope_trio.rtc.tune_ice_consent` ICE consent does so for a
-silent path in ~4 s), the inbound track ending, or no inbound frame for ``stall_timeout``
+path as ``closed``; with the server's consent timing, :func:`scope_trio.rtc.configure_process`,
+ICE consent does so for a silent path in ~4 s), the inbound track ending, or no inbound frame for ``stall_timeout``
 seconds. The peer connection is closed exactly once, shielded and under its own deadline, on
 every way out.
 
@@ -151,8 +151,8 @@ class CloudMediaSession:
         self._config = config or MediaConfig()
         self.stats = stats or MediaStats()
         self._user_id = user_id
-        self._channel: rtc.RTCDataChannel | None = None
-        self._pc: rtc.RTCPeerConnection | None = None
+        self._channel: rtc.DataChannel | None = None
+        self._pc: rtc.PeerConnection | None = None
         self._inbound: rtc.InboundDatagrams | None = None
         self._pc_close_requested = trio.Event()
         self._simulated = False
@@ -172,11 +172,11 @@ class CloudMediaSession:
 
     def send_parameters(self, update: Mapping[str, Any]) -> None:
         channel = self._channel
-        if not self._open or channel is None or channel.readyState != "open":
+        if not self._open or channel is None or not channel.is_open:
             raise SessionClosedError("the cloud media session is not connected")
         try:
             channel.send(json.dumps(dict(update)))
-        except rtc.InvalidStateError as exc:  # closing under us, between check and send
+        except rtc.ChannelClosedError as exc:  # closing under us, between check and send
             raise SessionClosedError("the parameters channel closed") from exc
 
     async def run(
@@ -187,7 +187,7 @@ class CloudMediaSession:
         task_status: trio.TaskStatus[None],
     ) -> str:
         ice = await self._signaling.request("get_ice_servers", timeout=self._config.request_timeout)
-        pc = rtc.new_peer_connection(_ice_servers(ice))
+        pc = rtc.PeerConnection(_ice_servers(ice), close_timeout=self._config.close_timeout)
         source = rtc.TrioVideoSource(
             fps=self._config.fps, idle_timeout=self._config.idle_black_after
         )
@@ -200,29 +200,26 @@ class CloudMediaSession:
             source.stop()
             self.stats.live_sources.discard(source)
             self.stats.frames_sent_by_closed_sessions += source.frames_sent
-            await rtc.close_peer_connection(pc, self._config.close_timeout)
+            await pc.close()
             if self.session_id is not None:
                 self.stats.sessions[self.session_id] = "closed"
 
     async def _run_with(
         self,
-        pc: rtc.RTCPeerConnection,
+        pc: rtc.PeerConnection,
         source: rtc.TrioVideoSource,
         params: Mapping[str, Any],
         on_lost: Callable[[str], None],
         task_status: trio.TaskStatus[None],
     ) -> str:
-        events = rtc.PeerEvents(pc)
         self._pc = pc
-        pc.addTrack(source)
-        channel = pc.createDataChannel(PARAMETERS_CHANNEL, ordered=True)
+        pc.add_track(source)
+        channel = pc.open_data_channel(PARAMETERS_CHANNEL, ordered=True)
         self._channel = channel
-        opened = trio.Event()
-        channel.on("open", opened.set)  # a sync trio call: legal inside the loop task
         self._input._attach(source)
 
-        offer = await rtc.create_offer(pc)
-        self._inbound = rtc.watch_inbound(pc)  # the ICE sockets exist once the offer is made
+        offer = await pc.create_offer()
+        self._inbound = pc.watch_inbound()  # the ICE sockets exist once the offer is made
         fields: dict[str, Any] = {
             "sdp": offer.sdp,
             "sdp_type": offer.type,
@@ -240,22 +237,21 @@ class CloudMediaSession:
         self.session_id = session_id
         logs.bind_session(session_id)  # this task and its loss watchers log for this session
         self.stats.offers_successful += 1
-        await rtc.apply_answer(pc, sdp, str(answer.get("sdp_type", "answer")))
-        await events.wait_state("connected")
-        await opened.wait()
-        track = await events.tracks.receive()
+        await pc.apply_answer(sdp, str(answer.get("sdp_type", "answer")))
+        await pc.wait_state("connected")
+        await channel.wait_open()
+        track = await pc.tracks.receive()
         self._open = True
         self.stats.sessions[session_id] = "connected"
         logger.info("cloud media session %s connected", session_id)
         task_status.started()
 
-        return await self._serve(pc, events, track, on_lost, source)
+        return await self._serve(pc, track, on_lost, source)
 
     async def _serve(
         self,
-        pc: rtc.RTCPeerConnection,
-        events: rtc.PeerEvents,
-        track: rtc.MediaStreamTrack,
+        pc: rtc.PeerConnection,
+        track: rtc.RemoteTrack,
         on_lost: Callable[[str], None],
         source: rtc.TrioVideoSource,
     ) -> str:
@@ -268,7 +264,7 @@ class CloudMediaSession:
                 on_lost(reason)
                 nursery.cancel_scope.cancel()
 
-            watch = _LossWatch(self, pc, events, track, source=source, on_lost=lost)
+            watch = _LossWatch(self, pc, track, source=source, on_lost=lost)
             nursery.start_soon(watch.connection_state)
             nursery.start_soon(watch.inbound_frames)
             nursery.start_soon(watch.stall)
@@ -285,9 +281,8 @@ class _LossWatch:
     def __init__(
         self,
         session: CloudMediaSession,
-        pc: rtc.RTCPeerConnection,
-        events: rtc.PeerEvents,
-        track: rtc.MediaStreamTrack,
+        pc: rtc.PeerConnection,
+        track: rtc.RemoteTrack,
         *,
         source: rtc.TrioVideoSource,
         on_lost: Callable[[str], None],
@@ -296,7 +291,6 @@ class _LossWatch:
         self.source = source
         self.config = session._config
         self.pc = pc
-        self.events = events
         self.track = track
         self._on_lost = on_lost
         self.reason: str | None = None
@@ -317,15 +311,15 @@ class _LossWatch:
 
     async def connection_state(self) -> None:
         """``closed``/``failed`` that we did not cause (aiortc has no ``disconnected``)."""
-        async for state in self.events.states:
+        async for state in self.pc.states:
             if state in ("closed", "failed"):
                 self.lost(f"peer connection {state}")
                 return
 
     async def inbound_frames(self) -> None:
         """Hand frames on; the inbound track ending is a loss."""
-        await rtc.receive_video(self.track, self._deliver)
-        state = self.pc.connectionState
+        await self.track.receive_video(self._deliver)
+        state = self.pc.state
         if state in ("closed", "failed"):
             self.lost(f"peer connection {state}")
         else:
@@ -373,7 +367,7 @@ class _LossWatch:
     async def keyframe_requests(self) -> None:
         """PLI until a frame decodes: the sender's SSRC is known only once RTP arrives."""
         while not self.first_frame.is_set():
-            await rtc.request_keyframe(self.pc, self.track)
+            await self.track.request_keyframe()
             with trio.move_on_after(0.25):
                 await self.first_frame.wait()
 
@@ -381,9 +375,9 @@ class _LossWatch:
         """:meth:`CloudMediaSession.simulate_loss`: close as a dead path would."""
         await self.session._pc_close_requested.wait()
         # End our outgoing track first, as every close does: the sender then finishes on its
-        # own instead of being cancelled mid-frame (cancels there can get lost, see rtc.py).
+        # own instead of being cancelled mid-frame (cancels there can get lost, see rtc/).
         self.source.stop()
-        await rtc.close_peer_connection(self.pc, self.config.close_timeout)
+        await self.pc.close()
 
 
 def _ice_servers(reply: Mapping[str, Any]) -> list[dict[str, Any]]:
