@@ -33,6 +33,14 @@ class Plan:
     """Never connect (only a deadline or a cancel ends it)."""
     lose_at_once: str | None = None
     """Connect, then report this loss with no checkpoint in between."""
+    offer_delay: float = 0.0
+    """Seconds between the session's start and the moment it builds its offer (reads its
+    initial parameters); part of the connect, before ``connect_delay``."""
+    raise_at: str | None = None
+    """Inject ``error`` here: "connect" (before connecting), "connected" (right after
+    reporting connected), "close" (while closing after a loss) or "send" (in
+    ``send_parameters``). For the tests that prove a session's bug stays contained."""
+    error: BaseException | None = None
 
 
 OK = Plan()
@@ -74,20 +82,24 @@ class FakeSession:
         *,
         task_status: trio.TaskStatus[None],
     ) -> str:
-        self.initial = copy.deepcopy(dict(params))
         self.cloud._opened(self)
         try:
+            if self.plan.offer_delay:
+                await trio.sleep(self.plan.offer_delay)
+            self.initial = copy.deepcopy(dict(params))
             await trio.sleep(self.plan.connect_delay)
             if self.plan.hang:
                 await trio.sleep_forever()
             if self.plan.fail is not None:
                 raise ConnectionError(self.plan.fail)
+            self._inject("connect")
             self.state = FakeState.CONNECTED
             self.connected_once = True
             self.cloud._touch()
             task_status.started()
             if self.cloud.on_connected is not None:
                 self.cloud.on_connected(self)
+            self._inject("connected")
             if self.plan.lose_at_once is not None:
                 self.lose(self.plan.lose_at_once)  # and no checkpoint before on_lost
             else:
@@ -102,8 +114,15 @@ class FakeSession:
                 await trio.sleep(self.cloud.close_delay)
             self.state = FakeState.CLOSED
             self.cloud._closed(self)
+            if self.lost_reason is not None:
+                self._inject("close")
+
+    def _inject(self, point: str) -> None:
+        if self.plan.raise_at == point and self.plan.error is not None:
+            raise self.plan.error
 
     def send_parameters(self, update: Mapping[str, Any]) -> None:
+        self._inject("send")
         if self.state is not FakeState.CONNECTED or self._lost.is_set():
             raise SessionClosedError(f"fake session {self.index} is {self.state.value}")
         self.updates.append(copy.deepcopy(dict(update)))
@@ -129,6 +148,8 @@ class FakeCloud:
         """When each session's connect began, in seconds since the cloud was made."""
         self.on_connected: Callable[[FakeSession], object] | None = None
         """Called synchronously right after a session reports it connected (race tests)."""
+        self.factory_error: Exception | None = None
+        """Raised (once) by the next call of the factory, as a session constructor's bug would."""
         self._script: deque[Plan] = deque()
         self._changed = trio.Event()
 
@@ -141,6 +162,9 @@ class FakeCloud:
         self._script.extend(plans)
 
     def __call__(self) -> FakeSession:
+        if self.factory_error is not None:
+            error, self.factory_error = self.factory_error, None
+            raise error
         plan = self._script.popleft() if self._script else self.default
         session = FakeSession(self, len(self.sessions), plan)
         self.sessions.append(session)
