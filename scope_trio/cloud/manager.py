@@ -42,7 +42,7 @@ from scope_trio.cloud.link import (
     connect_cloud_link,
 )
 from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
-from scope_trio.core.session import MediaSession, SessionClosedError
+from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
 from scope_trio.ops import logs
 
@@ -118,11 +118,10 @@ class _NoLinkSession:
 
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         await trio.lowlevel.checkpoint()
         raise NotConnectedError("the cloud link is down")
 

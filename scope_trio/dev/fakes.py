@@ -19,7 +19,13 @@ from typing import Any
 
 import trio
 
-from scope_trio.core.session import Parameters, SessionClosedError
+from scope_trio.core.session import (
+    Loss,
+    LossKind,
+    Parameters,
+    SessionAttempt,
+    SessionClosedError,
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +37,7 @@ class Plan:
     """Raise ``ConnectionError(fail)`` after ``connect_delay``."""
     hang: bool = False
     """Never connect (only a deadline or a cancel ends it)."""
-    lose_at_once: str | None = None
+    lose_at_once: str | Loss | None = None
     """Connect, then report this loss with no checkpoint in between."""
     offer_delay: float = 0.0
     """Seconds between the session's start and the moment it builds its offer (reads its
@@ -44,6 +50,7 @@ class Plan:
 
 
 OK = Plan()
+PEER_CLOSED = Loss(LossKind.PEER_CONNECTION_CLOSED, "peer connection closed")
 
 
 class FakeState(enum.Enum):
@@ -63,7 +70,7 @@ class FakeSession:
         self.state = FakeState.CONNECTING
         self.initial: Parameters | None = None
         self.updates: list[Parameters] = []
-        self.lost_reason: str | None = None
+        self.loss: Loss | None = None
         self.connected_once = False
         self._lost = trio.Event()
 
@@ -75,18 +82,21 @@ class FakeSession:
             merged.update(update)
         return merged
 
+    @property
+    def lost_reason(self) -> str | None:
+        return self.loss.detail if self.loss is not None else None
+
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         self.cloud._opened(self)
         try:
             if self.plan.offer_delay:
                 await trio.sleep(self.plan.offer_delay)
-            self.initial = copy.deepcopy(dict(params))
+            self.initial = copy.deepcopy(attempt.parameters())
             await trio.sleep(self.plan.connect_delay)
             if self.plan.hang:
                 await trio.sleep_forever()
@@ -104,9 +114,9 @@ class FakeSession:
                 self.lose(self.plan.lose_at_once)  # and no checkpoint before on_lost
             else:
                 await self._lost.wait()
-            assert self.lost_reason is not None
-            on_lost(self.lost_reason)
-            return self.lost_reason
+            assert self.loss is not None
+            attempt.lost(self.loss)
+            return self.loss
         finally:
             self.state = FakeState.CLOSING
             self.cloud._touch()
@@ -114,7 +124,7 @@ class FakeSession:
                 await trio.sleep(self.cloud.close_delay)
             self.state = FakeState.CLOSED
             self.cloud._closed(self)
-            if self.lost_reason is not None:
+            if self.loss is not None:
                 self._inject("close")
 
     def _inject(self, point: str) -> None:
@@ -128,9 +138,10 @@ class FakeSession:
         self.updates.append(copy.deepcopy(dict(update)))
         self.cloud._touch()
 
-    def lose(self, reason: str) -> None:
+    def lose(self, reason: str | Loss) -> None:
+        """End the session with ``reason`` (a plain text is a loss of kind ``OTHER``)."""
         if self.state is FakeState.CONNECTED and not self._lost.is_set():
-            self.lost_reason = reason
+            self.loss = reason if isinstance(reason, Loss) else Loss(LossKind.OTHER, reason)
             self._lost.set()
 
 
@@ -177,7 +188,10 @@ class FakeCloud:
                 return session
         return None
 
-    def lose(self, reason: str = "peer connection closed") -> FakeSession:
+    def lose(
+        self,
+        reason: str | Loss = PEER_CLOSED,
+    ) -> FakeSession:
         """End the connected session as a real loss would. Raises if none is connected."""
         session = self.connected
         if session is None:
