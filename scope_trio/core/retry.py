@@ -53,15 +53,15 @@ class Backoff:
 
     @classmethod
     def table(cls, steps: tuple[float, ...], attempts: int = 3) -> Backoff:
-        """Delays read from ``steps`` (the last repeats; none: no pause)."""
+        """Delays read from ``steps`` (the last repeats; an empty table: no pause)."""
         return cls(base=0.0, cap=0.0, attempts=attempts, steps=tuple(steps))
 
     def delay(self, n: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry ``n`` (1-based; ``n < 1`` waits nothing)."""
         if n < 1:
             return 0.0
-        if self.steps or (self.base == 0 and self.cap == 0):
-            value = self.steps[min(n, len(self.steps)) - 1] if self.steps else 0.0
+        if self.steps:
+            value = self.steps[min(n, len(self.steps)) - 1]
         else:
             value = min(self.cap, self.base * self.factor ** (n - 1))
         if self.jitter and rng is not None:
