@@ -120,6 +120,8 @@ class FakeSession:
         finally:
             self.state = FakeState.CLOSING
             self.cloud._touch()
+            if self.cloud.on_closing is not None:
+                self.cloud.on_closing(self)
             with trio.move_on_after(self.cloud.close_delay + 1.0, shield=True):
                 await trio.sleep(self.cloud.close_delay)
             self.state = FakeState.CLOSED
@@ -159,6 +161,8 @@ class FakeCloud:
         """When each session's connect began, in seconds since the cloud was made."""
         self.on_connected: Callable[[FakeSession], object] | None = None
         """Called synchronously right after a session reports it connected (race tests)."""
+        self.on_closing: Callable[[FakeSession], object] | None = None
+        """Called synchronously the moment a session begins to close (race tests)."""
         self.factory_error: Exception | None = None
         """Raised (once) by the next call of the factory, as a session constructor's bug would."""
         self._script: deque[Plan] = deque()
