@@ -163,7 +163,8 @@ class ReconnectPolicy:
     restart_window: float = 60.0
     """Restart intensity (as in Erlang/OTP): at most ``max_restarts`` attempts in this window."""
     close_timeout: float = 5.0
-    """How long a superseded run may take to close its session before we stop waiting."""
+    """A session's own close deadline. ``stop`` (or a replacing ``start``) waits twice this
+    for a superseded run, then abandons it (counted; reaped in the background)."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -242,7 +243,7 @@ class SupervisorStatus:
     sessions_abandoned: int = 0
     """Sessions a stop (or a replacing start) stopped waiting for; each is reaped later."""
     version: int = 0
-    """Increases with every change: a watcher can tell it missed nothing."""
+    """Increases with every change: a watcher sees from it which changes it skipped."""
     changed_at: float = 0.0
     """``trio.current_time()`` of this change, so a watcher measures durations exactly."""
 
