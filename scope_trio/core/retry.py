@@ -98,3 +98,72 @@ class RestartTracker:
 
     def clear(self) -> None:
         self._times.clear()
+
+
+@dataclass(frozen=True)
+class ReconnectPolicy:
+    """How a lost session is rebuilt. Defaults are Scope's: 1 s, 2 s, 4 s; 3 attempts.
+
+    The delay before attempt ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
+    optionally spread by ``jitter`` (a fraction: 0.1 means ±10 %): :attr:`backoff`, the
+    project's one :class:`~scope_trio.core.retry.Backoff`. :attr:`intensity` is the restart
+    window.
+    """
+
+    max_attempts: int = 3
+    base_delay: float = 1.0
+    max_delay: float = 30.0
+    jitter: float = 0.0
+    attempt_timeout: float = 10.0
+    """Deadline over one whole connect (signaling, ICE, DTLS, first readiness)."""
+    stable_period: float = 10.0
+    """A reconnected session must stay up this long before the attempt budget refills."""
+    max_restarts: int = 6
+    restart_window: float = 60.0
+    """Restart intensity (as in Erlang/OTP): at most ``max_restarts`` attempts in this window."""
+    close_timeout: float = 5.0
+    """A session's own close deadline. ``stop`` (or a replacing ``start``) waits twice this
+    for a superseded run, then abandons it (counted; reaped in the background)."""
+
+    def __post_init__(self) -> None:
+        positive = {
+            "base_delay": self.base_delay,
+            "max_delay": self.max_delay,
+            "attempt_timeout": self.attempt_timeout,
+            "restart_window": self.restart_window,
+            "close_timeout": self.close_timeout,
+        }
+        for name, value in positive.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"ReconnectPolicy.{name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.stable_period) and self.stable_period >= 0):
+            raise ValueError(
+                f"ReconnectPolicy.stable_period must be >= 0, got {self.stable_period!r}"
+            )
+        if self.max_attempts < 0:
+            raise ValueError(
+                f"ReconnectPolicy.max_attempts must be >= 0, got {self.max_attempts!r}"
+            )
+        if self.max_restarts < 1:
+            raise ValueError(
+                f"ReconnectPolicy.max_restarts must be >= 1, got {self.max_restarts!r}"
+            )
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"ReconnectPolicy.jitter must be in [0, 1), got {self.jitter!r}")
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(
+            base=self.base_delay,
+            cap=self.max_delay,
+            jitter=self.jitter,
+            attempts=self.max_attempts,
+        )
+
+    @property
+    def intensity(self) -> RestartWindow:
+        return RestartWindow(self.max_restarts, self.restart_window)
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before reconnect attempt ``attempt`` (1-based)."""
+        return self.backoff.delay(attempt, rng)

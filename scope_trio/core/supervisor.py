@@ -39,16 +39,18 @@ interleaving by benchmarks/race.py:
 
 Every piece of state is owned here and changed only by this module. Tasks of a superseded run
 may still be winding down; they hold a stale ``_Run`` and every write they attempt is dropped.
-The module is over 500 lines because it is one concern: these guarantees interlock.
+What clients see (:class:`Phase`, :class:`SupervisorStatus`, the ``webrtc_error`` texts) lives
+in :mod:`scope_trio.core.status`, the policy (:class:`ReconnectPolicy`) in
+:mod:`scope_trio.core.retry`; both are re-exported here. This module stays over 500 lines
+because what is left is one concern, the state machine, whose guarantees interlock (the
+attempt object, tickets, retire/abandon, recovery) and are easier to check side by side.
 """
 
 from __future__ import annotations
 
 import copy
-import enum
 import json
 import logging
-import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -71,7 +73,7 @@ from scope_trio.core.events import (
     Subscriber,
     SupervisorEvent,
 )
-from scope_trio.core.retry import Backoff, RestartWindow
+from scope_trio.core.retry import ReconnectPolicy
 from scope_trio.core.session import (
     JsonTooDeepError,
     Loss,
@@ -82,6 +84,33 @@ from scope_trio.core.session import (
     SessionFactory,
     nested_deeper_than,
 )
+from scope_trio.core.status import (
+    LOST_PREFIX,
+    Phase,
+    SupervisorStatus,
+    budget_spent_message,
+    intensity_message,
+    lost_message,
+    start_failed_message,
+)
+
+__all__ = [
+    "DEFAULT_ONE_SHOT_KEYS",
+    "LOST_PREFIX",
+    "REAP_FACTOR",
+    "Phase",
+    "ReconnectPolicy",
+    "SessionSupervisor",
+    "StartAbortedError",
+    "StartFailedError",
+    "SupervisorError",
+    "SupervisorStatus",
+    "budget_spent_message",
+    "intensity_message",
+    "internal_error_message",
+    "lost_message",
+    "start_failed_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -89,40 +118,13 @@ DEFAULT_ONE_SHOT_KEYS: frozenset[str] = frozenset(
     {"reset_cache", "transition", "first_frame_image"}
 )
 
-LOST_PREFIX = "Remote inference connection lost"
 REAP_FACTOR = 10
 """An abandoned run is watched this many ``close_timeout`` more; a leak is logged after."""
-
-
-def lost_message(reason: str) -> str:
-    """``webrtc_error`` while recovering from a loss (CONTRACT: CloudStatus)."""
-    return f"{LOST_PREFIX}: {reason}"
-
-
-def budget_spent_message(attempts: int) -> str:
-    """``webrtc_error`` once the attempt budget is spent (CONTRACT: CloudStatus, verbatim)."""
-    return (
-        f"{LOST_PREFIX}. Reconnection failed after {attempts} attempts. "
-        "Please toggle cloud mode off and on to reconnect."
-    )
-
-
-def intensity_message(restarts: int, window: float) -> str:
-    """``webrtc_error`` once too many restarts happened within the intensity window."""
-    return (
-        f"{LOST_PREFIX}. Reconnection stopped after {restarts} restarts within "
-        f"{window:g} s. Please toggle cloud mode off and on to reconnect."
-    )
 
 
 def internal_error_message(exc: BaseException) -> str:
     """Final ``webrtc_error`` when the supervisor's own run raised (a bug, contained)."""
     return f"internal error: {_describe(exc)}"
-
-
-def start_failed_message(reason: str) -> str:
-    """``webrtc_error`` when the very first connect fails (Scope left it empty)."""
-    return f"Remote inference connection failed: {reason}"
 
 
 class SupervisorError(Exception):
@@ -139,135 +141,6 @@ class StartFailedError(SupervisorError):
 
 class StartAbortedError(SupervisorError):
     """A later ``start``, ``stop`` or link loss superseded this ``start`` before it connected."""
-
-
-@dataclass(frozen=True)
-class ReconnectPolicy:
-    """How a lost session is rebuilt. Defaults are Scope's: 1 s, 2 s, 4 s; 3 attempts.
-
-    The delay before attempt ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
-    optionally spread by ``jitter`` (a fraction: 0.1 means ±10 %): :attr:`backoff`, the
-    project's one :class:`~scope_trio.core.retry.Backoff`. :attr:`intensity` is the restart
-    window.
-    """
-
-    max_attempts: int = 3
-    base_delay: float = 1.0
-    max_delay: float = 30.0
-    jitter: float = 0.0
-    attempt_timeout: float = 10.0
-    """Deadline over one whole connect (signaling, ICE, DTLS, first readiness)."""
-    stable_period: float = 10.0
-    """A reconnected session must stay up this long before the attempt budget refills."""
-    max_restarts: int = 6
-    restart_window: float = 60.0
-    """Restart intensity (as in Erlang/OTP): at most ``max_restarts`` attempts in this window."""
-    close_timeout: float = 5.0
-    """A session's own close deadline. ``stop`` (or a replacing ``start``) waits twice this
-    for a superseded run, then abandons it (counted; reaped in the background)."""
-
-    def __post_init__(self) -> None:
-        positive = {
-            "base_delay": self.base_delay,
-            "max_delay": self.max_delay,
-            "attempt_timeout": self.attempt_timeout,
-            "restart_window": self.restart_window,
-            "close_timeout": self.close_timeout,
-        }
-        for name, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"ReconnectPolicy.{name} must be a positive number, got {value!r}")
-        if not (math.isfinite(self.stable_period) and self.stable_period >= 0):
-            raise ValueError(
-                f"ReconnectPolicy.stable_period must be >= 0, got {self.stable_period!r}"
-            )
-        if self.max_attempts < 0:
-            raise ValueError(
-                f"ReconnectPolicy.max_attempts must be >= 0, got {self.max_attempts!r}"
-            )
-        if self.max_restarts < 1:
-            raise ValueError(
-                f"ReconnectPolicy.max_restarts must be >= 1, got {self.max_restarts!r}"
-            )
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"ReconnectPolicy.jitter must be in [0, 1), got {self.jitter!r}")
-
-    @property
-    def backoff(self) -> Backoff:
-        return Backoff(
-            base=self.base_delay,
-            cap=self.max_delay,
-            jitter=self.jitter,
-            attempts=self.max_attempts,
-        )
-
-    @property
-    def intensity(self) -> RestartWindow:
-        return RestartWindow(self.max_restarts, self.restart_window)
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before reconnect attempt ``attempt`` (1-based)."""
-        return self.backoff.delay(attempt, rng)
-
-
-class Phase(enum.Enum):
-    """Where the supervisor is. Every public flag is derived from this, never stored."""
-
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    """A ``start`` (or ``resume``) is making its first connect."""
-    CONNECTED = "connected"
-    BACKOFF = "backoff"
-    """A session was lost; waiting before the next attempt."""
-    RECONNECTING = "reconnecting"
-    """A reconnect attempt is under way."""
-    FAILED = "failed"
-    """The first connect failed, or the reconnect budget is spent. Only ``start`` leaves it."""
-    LINK_DOWN = "link_down"
-    """The signaling link is gone; the parameters are kept for :meth:`SessionSupervisor.resume`."""
-
-
-@dataclass(frozen=True)
-class SupervisorStatus:
-    """One immutable snapshot of the supervisor. Replaced whole, so reads are never torn."""
-
-    phase: Phase = Phase.IDLE
-    webrtc_error: str | None = None
-    attempt: int = 0
-    """Reconnect attempts used from the current budget."""
-    max_attempts: int = 3
-    last_loss_reason: str | None = None
-    sessions_started: int = 0
-    """Sessions that connected, over the supervisor's life (first starts and reconnects)."""
-    sessions_lost: int = 0
-    sessions_abandoned: int = 0
-    """Sessions a stop (or a replacing start) stopped waiting for; each is reaped later."""
-    version: int = 0
-    """Increases with every change: a watcher sees from it which changes it skipped."""
-    changed_at: float = 0.0
-    """``trio.current_time()`` of this change, so a watcher measures durations exactly."""
-
-    @property
-    def webrtc_connected(self) -> bool:
-        return self.phase is Phase.CONNECTED
-
-    @property
-    def webrtc_reconnecting(self) -> bool:
-        return self.phase in (Phase.BACKOFF, Phase.RECONNECTING)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase.value,
-            "webrtc_connected": self.webrtc_connected,
-            "webrtc_reconnecting": self.webrtc_reconnecting,
-            "webrtc_error": self.webrtc_error,
-            "attempt": self.attempt,
-            "max_attempts": self.max_attempts,
-            "last_loss_reason": self.last_loss_reason,
-            "sessions_started": self.sessions_started,
-            "sessions_lost": self.sessions_lost,
-            "sessions_abandoned": self.sessions_abandoned,
-        }
 
 
 @dataclass
