@@ -235,6 +235,37 @@ async def test_an_aborted_attempt_and_restart_intensity_are_counted(
     assert value(samples, "scope_trio_media_sessions_started_total") == 4
 
 
+async def test_an_abandoned_session_and_an_internal_error_are_counted(
+    autojump_clock: MockClock,
+) -> None:
+    class BrokenBackoff(ReconnectPolicy):
+        def delay(self, attempt: int, rng: Any = None) -> float:
+            raise ZeroDivisionError("bug in the backoff")
+
+    cloud = FakeCloud(close_delay=5)
+    async with observed(cloud, BrokenBackoff(close_timeout=1)) as (
+        supervisor,
+        metrics,
+        registry,
+        _,
+    ):
+        await supervisor.start({})
+        await supervisor.stop()  # the session takes 5 s to close: abandoned after 2 s
+        samples = await scrape(metrics, registry)
+        assert value(samples, "scope_trio_media_sessions_abandoned_total") == 1
+        with trio.fail_after(10):
+            await cloud.wait_for(lambda c: c.live == 0)
+        cloud.close_delay = 0
+        await supervisor.start({})
+        await lose(supervisor, cloud, "peer connection closed")
+        with trio.fail_after(60):
+            status = await supervisor.wait_until(lambda s: s.phase is Phase.FAILED)
+        assert status.webrtc_error == "internal error: bug in the backoff"
+        samples = await scrape(metrics, registry)
+    assert value(samples, "scope_trio_media_reconnect_give_ups_total", reason="internal_error") == 1
+    assert value(samples, "scope_trio_media_sessions_abandoned_total") == 1
+
+
 async def test_a_link_loss_is_a_loss_and_its_resume_a_recovery(autojump_clock: MockClock) -> None:
     cloud = FakeCloud()
     async with observed(cloud) as (supervisor, metrics, registry, last_frame):

@@ -18,6 +18,17 @@ import trio.testing
 from trio.testing import MockClock
 
 import scope_trio.core.supervisor as supervisor_module
+from scope_trio.core.events import (
+    AttemptEnded,
+    AttemptStarted,
+    GaveUp,
+    GiveUpReason,
+    Lost,
+    Recovered,
+    StartFailed,
+    SupervisorEvent,
+)
+from scope_trio.core.session import Loss, LossKind
 from scope_trio.core.supervisor import (
     Phase,
     ReconnectPolicy,
@@ -48,6 +59,11 @@ async def supervised(
 async def until(supervisor: SessionSupervisor, phase: Phase) -> SupervisorStatus:
     with trio.fail_after(600):
         return await supervisor.wait_until(lambda s: s.phase is phase)
+
+
+async def reconnected(supervisor: SessionSupervisor, sessions: int) -> None:
+    with trio.fail_after(600):
+        await supervisor.wait_until(lambda s: s.webrtc_connected and s.sessions_started == sessions)
 
 
 # ------------------------------------------------ 1. a loss is never hidden
@@ -285,6 +301,65 @@ def _leaves(exc: BaseException) -> list[type[BaseException]]:
     if inner is None:
         return [type(exc)]
     return [leaf for child in inner for leaf in _leaves(child)]
+
+
+async def test_a_subscriber_that_raises_is_logged_and_changes_nothing(
+    autojump_clock: MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(event: SupervisorEvent) -> None:
+        raise RuntimeError("bug in a subscriber")
+
+    cloud = FakeCloud()
+    async with supervised(cloud) as supervisor:
+        supervisor.subscribe(broken)
+        seen: list[SupervisorEvent] = []
+        unsubscribe = supervisor.subscribe(seen.append)
+        await supervisor.start({})
+        cloud.lose()
+        await reconnected(supervisor, 2)
+        unsubscribe()
+        cloud.lose()
+        await reconnected(supervisor, 3)
+    assert "bug in a subscriber" in caplog.text
+    assert [type(event) for event in seen] == [Lost, AttemptStarted, AttemptEnded, Recovered]
+
+
+# ------------------------------------------------------------ typed events
+
+
+async def test_events_tell_the_outage_with_types_and_exact_times(
+    autojump_clock: MockClock,
+) -> None:
+    cloud = FakeCloud()
+    events: list[SupervisorEvent] = []
+    async with supervised(cloud) as supervisor:
+        supervisor.subscribe(events.append)
+        cloud.script(Plan(fail="refused"))
+        with pytest.raises(StartFailedError):
+            await supervisor.start({})
+        await supervisor.start({})
+        await trio.sleep(3)
+        cloud.script(Plan(fail="refused"), OK)
+        cloud.lose(Loss(LossKind.PATH_SILENCE, "no packets from the cloud for 1 s"))
+        await reconnected(supervisor, 2)
+        cloud.script(*[Plan(fail="refused")] * 3)
+        cloud.lose(Loss(LossKind.NO_VIDEO, "no video from the cloud for 2 s"))
+        await until(supervisor, Phase.FAILED)
+    silence = Loss(LossKind.PATH_SILENCE, "no packets from the cloud for 1 s")
+    no_video = Loss(LossKind.NO_VIDEO, "no video from the cloud for 2 s")
+    assert events == [
+        StartFailed(0.0, "refused"),
+        Lost(3.0, silence, connected_at=0.0),
+        AttemptStarted(4.0, 1, 3),
+        AttemptEnded(4.0, 1, "failed"),
+        AttemptStarted(6.0, 2, 3),
+        AttemptEnded(6.0, 2, "succeeded"),
+        Recovered(6.0, outage=3.0),
+        Lost(6.0, no_video, connected_at=6.0),
+        AttemptStarted(10.0, 3, 3),  # the budget did not refill: up for less than 10 s
+        AttemptEnded(10.0, 3, "failed"),
+        GaveUp(10.0, GiveUpReason.BUDGET_SPENT, FINAL),
+    ]
 
 
 # ------------------------------------- 6. after stop, nothing is left set
