@@ -211,7 +211,7 @@ DOCS: dict[str, str] = {
     "reconnect.stable_period": "a session must stay up this long before the budget refills",
     "reconnect.max_restarts": "restart intensity: at most this many attempts ...",
     "reconnect.restart_window": "... in this many seconds, then give up",
-    "reconnect.close_timeout": "bound on waiting for a superseded session to close",
+    "reconnect.close_timeout": "a session's own close deadline; a stop waits at most twice this, then abandons the session (counted, reaped in the background)",
     "relink.max_relinks": "re-links of a dropped signaling link ...",
     "relink.window": "... in this many seconds, then give up",
     "relink.delay": "pause before the first connect of a re-link",

@@ -26,7 +26,6 @@ import contextlib
 import functools
 import logging
 import os
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -43,7 +42,8 @@ from scope_trio.cloud.link import (
 )
 from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
 from scope_trio.cloud.status import CloudStats, CloudStatus
-from scope_trio.core.session import MediaSession, SessionClosedError
+from scope_trio.core.retry import Backoff, RestartTracker, RestartWindow
+from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
 from scope_trio.ops import logs
 
@@ -93,6 +93,15 @@ class LinkPolicy:
     delay: float = 1.0
     """Pause before the first connect of a re-link."""
 
+    @property
+    def backoff(self) -> Backoff:
+        """The pause before each re-link, as the project's one retry type."""
+        return Backoff.constant(self.delay, attempts=self.max_relinks)
+
+    @property
+    def intensity(self) -> RestartWindow:
+        return RestartWindow(self.max_relinks, self.window)
+
 
 @dataclass(frozen=True)
 class LinkState:
@@ -119,11 +128,10 @@ class _NoLinkSession:
 
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         await trio.lowlevel.checkpoint()
         raise NotConnectedError("the cloud link is down")
 
@@ -353,7 +361,7 @@ class CloudManager:
     async def _maintain_link(
         self, config: LinkConfig, scope: trio.CancelScope, done: trio.Event
     ) -> None:
-        relinks: deque[float] = deque()
+        relinks = self.link_policy.intensity.tracker()
         established = False
         try:
             with scope:
@@ -367,7 +375,7 @@ class CloudManager:
                     if not await self._link_ended(scope, link, relinks):
                         return
                     logs.bind_connection(None)  # the next link gets its own id
-                    await trio.sleep(self.link_policy.delay)
+                    await trio.sleep(self.link_policy.backoff.delay(1))
         finally:
             if self._link_scope is scope:
                 self._link = None
@@ -413,7 +421,7 @@ class CloudManager:
         self._set(connected=False, connecting=False, connect_stage=None, error=message)
 
     async def _link_ended(
-        self, scope: trio.CancelScope, link: CloudLink, relinks: deque[float]
+        self, scope: trio.CancelScope, link: CloudLink, relinks: RestartTracker
     ) -> bool:
         """Record an unasked-for end of the link; return whether to re-establish it.
 
@@ -425,18 +433,16 @@ class CloudManager:
         code, reason = link.close_code, link.close_reason or "closed"
         logger.warning("cloud link ended: code %s, %s", code, reason)
         now = trio.current_time()
-        while relinks and now - relinks[0] > self.link_policy.window:
-            relinks.popleft()
         error: str | None = None
         if link.error_code in FINAL_ERROR_CODES or code == CLOSE_ACCESS_DENIED:
             error = f"Cloud connection closed: {reason}"
-        elif len(relinks) >= self.link_policy.max_relinks:
+        elif relinks.exhausted(now):
             error = (
                 f"Cloud connection lost ({reason}); gave up after "
                 f"{self.link_policy.max_relinks} reconnects within {self.link_policy.window:g} s"
             )
         else:
-            relinks.append(now)
+            relinks.record(now)
         self._link = None
         self._set(
             connected=False,

@@ -35,7 +35,7 @@ import trio
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.core.session import SessionClosedError
+from scope_trio.core.session import Loss, LossKind, SessionAttempt, SessionClosedError
 from scope_trio.ops import logs
 
 logger = logging.getLogger(__name__)
@@ -181,11 +181,10 @@ class CloudMediaSession:
 
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         ice = await self._signaling.request("get_ice_servers", timeout=self._config.request_timeout)
         pc = rtc.PeerConnection(_ice_servers(ice), close_timeout=self._config.close_timeout)
         source = rtc.TrioVideoSource(
@@ -193,7 +192,7 @@ class CloudMediaSession:
         )
         self.stats.live_sources.add(source)
         try:
-            return await self._run_with(pc, source, params, on_lost, task_status)
+            return await self._run_with(pc, source, attempt, task_status)
         finally:
             self._open = False
             self._input._detach(source)
@@ -208,10 +207,9 @@ class CloudMediaSession:
         self,
         pc: rtc.PeerConnection,
         source: rtc.TrioVideoSource,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         self._pc = pc
         pc.add_track(source)
         channel = pc.open_data_channel(PARAMETERS_CHANNEL, ordered=True)
@@ -223,7 +221,7 @@ class CloudMediaSession:
         fields: dict[str, Any] = {
             "sdp": offer.sdp,
             "sdp_type": offer.type,
-            "initialParameters": dict(params),
+            "initialParameters": attempt.parameters(),  # as they are now, not at creation
         }
         if self._user_id is not None:
             fields["user_id"] = self._user_id
@@ -246,22 +244,22 @@ class CloudMediaSession:
         logger.info("cloud media session %s connected", session_id)
         task_status.started()
 
-        return await self._serve(pc, track, on_lost, source)
+        return await self._serve(pc, track, attempt.lost, source)
 
     async def _serve(
         self,
         pc: rtc.PeerConnection,
         track: rtc.RemoteTrack,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[Loss], None],
         source: rtc.TrioVideoSource,
-    ) -> str:
-        """Run the loss watchers until the first fires; report it at once, return its reason."""
+    ) -> Loss:
+        """Run the loss watchers until the first fires; report it at once, return it."""
         async with trio.open_nursery() as nursery:
 
-            def lost(reason: str) -> None:
+            def lost(loss: Loss) -> None:
                 self._open = False  # updates from now on are kept for the next session
-                logger.warning("cloud media session %s lost: %s", self.session_id, reason)
-                on_lost(reason)
+                logger.warning("cloud media session %s lost: %s", self.session_id, loss)
+                on_lost(loss)
                 nursery.cancel_scope.cancel()
 
             watch = _LossWatch(self, pc, track, source=source, on_lost=lost)
@@ -271,7 +269,7 @@ class CloudMediaSession:
             nursery.start_soon(watch.path_silence)
             nursery.start_soon(watch.keyframe_requests)
             nursery.start_soon(watch.close_on_request)
-        return watch.reason or "session ended"
+        return watch.loss or Loss(LossKind.OTHER, "session ended")
 
 
 class _LossWatch:
@@ -285,7 +283,7 @@ class _LossWatch:
         track: rtc.RemoteTrack,
         *,
         source: rtc.TrioVideoSource,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[Loss], None],
     ) -> None:
         self.session = session
         self.source = source
@@ -293,14 +291,22 @@ class _LossWatch:
         self.pc = pc
         self.track = track
         self._on_lost = on_lost
-        self.reason: str | None = None
+        self.loss: Loss | None = None
         self.first_frame = trio.Event()
         self.last_frame_at = trio.current_time()
 
-    def lost(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self._on_lost(reason)
+    def lost(self, kind: LossKind, detail: str) -> None:
+        if self.loss is None:
+            self.loss = Loss(kind, detail)
+            self._on_lost(self.loss)
+
+    def peer_connection_lost(self, state: str) -> None:
+        kind = (
+            LossKind.PEER_CONNECTION_FAILED
+            if state == "failed"
+            else LossKind.PEER_CONNECTION_CLOSED
+        )
+        self.lost(kind, f"peer connection {state}")
 
     def _deliver(self, frame: VideoFrame) -> None:
         self.session.stats.frames_received_from_cloud += 1
@@ -313,7 +319,7 @@ class _LossWatch:
         """``closed``/``failed`` that we did not cause (aiortc has no ``disconnected``)."""
         async for state in self.pc.states:
             if state in ("closed", "failed"):
-                self.lost(f"peer connection {state}")
+                self.peer_connection_lost(state)
                 return
 
     async def inbound_frames(self) -> None:
@@ -321,9 +327,9 @@ class _LossWatch:
         await self.track.receive_video(self._deliver)
         state = self.pc.state
         if state in ("closed", "failed"):
-            self.lost(f"peer connection {state}")
+            self.peer_connection_lost(state)
         else:
-            self.lost("cloud video track ended")
+            self.lost(LossKind.TRACK_ENDED, "cloud video track ended")
 
     async def stall(self) -> None:
         """No first frame within ``first_frame_timeout``, or none for ``stall_timeout``."""
@@ -331,12 +337,15 @@ class _LossWatch:
         with trio.move_on_after(config.first_frame_timeout):
             await self.first_frame.wait()
         if not self.first_frame.is_set():
-            self.lost(f"no video from the cloud within {config.first_frame_timeout:g} s")
+            detail = f"no video from the cloud within {config.first_frame_timeout:g} s"
+            self.lost(LossKind.NO_VIDEO, detail)
             return
         while True:
             idle = trio.current_time() - self.last_frame_at
             if idle >= config.stall_timeout:
-                self.lost(f"no video from the cloud for {config.stall_timeout:g} s")
+                self.lost(
+                    LossKind.NO_VIDEO, f"no video from the cloud for {config.stall_timeout:g} s"
+                )
                 return
             await trio.sleep(config.stall_timeout - idle)
 
@@ -361,7 +370,8 @@ class _LossWatch:
             seen = inbound.count
             await trio.sleep(SILENCE_CONFIRM)
             if inbound.count == seen:
-                self.lost(f"no packets from the cloud for {timeout:g} s (the path went silent)")
+                detail = f"no packets from the cloud for {timeout:g} s (the path went silent)"
+                self.lost(LossKind.PATH_SILENCE, detail)
                 return
 
     async def keyframe_requests(self) -> None:
