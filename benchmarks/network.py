@@ -401,7 +401,13 @@ def fault_figures(
 
 
 async def run_profile(
-    profile: Profile, netem: Netem, proxy_url: str, cloud_url: str, seconds: float
+    profile: Profile,
+    netem: Netem,
+    proxy_url: str,
+    cloud_url: str,
+    seconds: float,
+    *,
+    observe: float = OBSERVE,
 ) -> dict[str, Any]:
     netem.restore()
     netem.configure("both", profile.path)
@@ -434,10 +440,10 @@ async def run_profile(
                     await trio.sleep(seconds)
                     end = trio.current_time()
                 else:
-                    await trio.sleep(PRE_FAULT)
+                    await trio.sleep(min(PRE_FAULT, seconds))
                     t0 = trio.current_time()
                     back = await inject(profile, netem, http, cloud_url)
-                    await trio.sleep(OBSERVE)
+                    await trio.sleep(observe)
                     end = trio.current_time()
                     result["fault"] = fault_figures(browser, events, t0, back)
                     result["fault"]["at_s"] = round(t0 - start, 3)
@@ -463,7 +469,7 @@ async def run_profile(
     return result
 
 
-async def bench(names: list[str], seconds: float, seed: int) -> dict[str, Any]:
+async def bench(names: list[str], seconds: float, seed: int, observe: float) -> dict[str, Any]:
     began = time.perf_counter()
     consent = rtc.get_ice_consent()
     results: dict[str, Any] = {}
@@ -478,7 +484,9 @@ async def bench(names: list[str], seconds: float, seed: int) -> dict[str, Any]:
                 profile = BY_NAME[name]
                 print(f"{name}: {profile.title} ...", flush=True)
                 try:
-                    results[name] = await run_profile(profile, netem, proxy_url, cloud_url, seconds)
+                    results[name] = await run_profile(
+                        profile, netem, proxy_url, cloud_url, seconds, observe=observe
+                    )
                 except Exception as exc:  # one failed profile is reported, the rest go on
                     errors.append(f"{name}: {type(exc).__name__}: {exc}")
                     print(f"  ERROR {errors[-1]}", flush=True)
@@ -648,6 +656,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--profiles", help="comma-separated subset of: " + ", ".join(BY_NAME))
     parser.add_argument("--seed", type=int, default=0, help="the emulator's random seed")
+    parser.add_argument(
+        "--observe",
+        type=float,
+        default=OBSERVE,
+        help="seconds watched after each fault (default %(default)g); steady seconds before"
+        f" it: min({PRE_FAULT:g}, --duration)",
+    )
     args = parser.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     seconds = args.duration or (
@@ -657,8 +672,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown or seconds <= 0:
         parser.error(f"unknown profiles {unknown}" if unknown else "--duration must be > 0")
-    results = trio.run(bench, names, seconds, args.seed)
-    config = {"seconds": seconds, "profiles": ",".join(names), "seed": args.seed}
+    results = trio.run(bench, names, seconds, args.seed, args.observe)
+    config: dict[str, Any] = {"seconds": seconds, "profiles": ",".join(names), "seed": args.seed}
+    if args.observe != OBSERVE:
+        config["observe"] = args.observe
     report = make_report(BENCHMARK, command_line("network.py", argv), config, results)
     failure = f"{results['errors']} errors" if results["errors"] else None
     return conclude(args, report, summary(results), check, failure=failure)

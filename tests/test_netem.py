@@ -10,11 +10,13 @@ through the signaling proxy to a real dev cloud) and the counters show their med
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
 import socket
 import statistics
 import struct
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from scope_trio.dev.netem import (
     rewrite,
     serve_signaling_proxy,
 )
+from scope_trio.dev.netem.__main__ import command, impairment
 
 WAIT = 10.0
 
@@ -455,3 +458,50 @@ async def test_the_signaling_proxy_forces_a_dev_cloud_session_through_the_relay(
                 media.cancel_scope.cancel()
                 await rtc.close_peer_connection(client.pc)
         nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ the command line
+
+
+async def test_the_command_line_controls_change_the_emulator() -> None:
+    assert impairment(["delay=50", "jitter=20", "loss=1", "burst=2/4"]) == Impairment(
+        delay=0.05, jitter=0.02, loss=0.01, burst=GilbertElliott.from_rate(0.02, 4)
+    )
+    with pytest.raises(ValueError, match="unknown setting"):
+        impairment(["bandwidth=1"])
+    async with open_netem() as netem:
+        assert command(netem, "set up delay=80 loss=2")["ok"]
+        assert netem.links["up"].impairment == Impairment(delay=0.08, loss=0.02)
+        assert netem.links["down"].impairment == Impairment()
+        command(netem, "blackout down")
+        assert netem.snapshot()["blackout"] == {"up": False, "down": True}
+        command(netem, "restore")
+        command(netem, "blip 500")
+        assert netem.snapshot()["blackout"] == {"up": True, "down": True}
+        assert command(netem, "stats")["up"]["datagrams_in"] == 0
+        with pytest.raises(ValueError, match="unknown command"):
+            command(netem, "explode")
+
+
+async def test_the_emulator_runs_as_a_process_and_answers_on_stdin() -> None:
+    script = b"set both delay=10\nstats\n"
+    result = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "scope_trio.dev.netem",
+            "--upstream",
+            "ws://127.0.0.1:9/ws",
+            "--exit-on-eof",
+        ],
+        stdin=script,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    lines = result.stdout.decode().splitlines()
+    assert result.returncode == 0, result.stderr.decode()
+    assert lines[0].startswith("netem: signaling proxy on ws://127.0.0.1:")
+    assert json.loads(lines[1]) == {"ok": True, "set": "both"}
+    stats = json.loads(lines[2])
+    assert stats["impairment"]["up"]["delay"] == stats["impairment"]["down"]["delay"] == 0.01
