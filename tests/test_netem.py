@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 import trio
-from devcloud_client import open_signaling, running_devcloud, start_media
+import trio_websocket
+from devcloud_client import fault, open_signaling, running_devcloud, start_media
 
 from scope_trio import rtc
 from scope_trio.dev.devcloud import ws_url
@@ -505,3 +506,21 @@ async def test_the_emulator_runs_as_a_process_and_answers_on_stdin() -> None:
     assert json.loads(lines[1]) == {"ok": True, "set": "both"}
     stats = json.loads(lines[2])
     assert stats["impairment"]["up"]["delay"] == stats["impairment"]["down"]["delay"] == 0.01
+
+
+async def test_the_proxy_passes_the_clouds_close_code_and_reason_on(aio_loop: object) -> None:
+    async with (
+        running_devcloud() as cloud_url,
+        open_netem() as netem,
+        trio.open_nursery() as nursery,
+    ):
+        proxy_url = await nursery.start(partial(serve_signaling_proxy, netem, ws_url(cloud_url)))
+        async with open_signaling(proxy_url) as signaling:
+            pong = await signaling.request("ping")
+            assert pong["type"] == "pong"
+            await fault(cloud_url, "close_ws", code=4001, reason="max duration")
+            with trio.fail_after(WAIT), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await signaling.receive()
+            assert closed.value.reason.code == 4001
+            assert closed.value.reason.reason == "max duration"
+        nursery.cancel_scope.cancel()

@@ -136,7 +136,9 @@ async def _pump(
         reason = (exc.reason.reason if exc.reason is not None else None) or ""
         if code in _UNSENDABLE_CODES:
             code, reason = 1011, reason or "netem: the other side went away"
-        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+        # Not shielded: the other pump cancels this wait once the close reply arrives (a
+        # trio-websocket client would otherwise wait for the server to end TCP as well).
+        with trio.move_on_after(CLOSE_TIMEOUT):
             await source.aclose()
             await sink.aclose(code, reason)
     finally:
