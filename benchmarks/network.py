@@ -461,9 +461,8 @@ async def run_profile(
                 )
                 result["rebuilds"] = sum(result["losses"].values())
                 log = server.stderr[log_mark:].decode(errors="replace")
-                result["loss_log"] = [
-                    m.group(1) for line in log.splitlines() if (m := LOSS_LINE.search(line))
-                ][:20]
+                reasons = [m.group(1) for line in log.splitlines() if (m := LOSS_LINE.search(line))]
+                result["loss_log"] = list(dict.fromkeys(reasons))[:20]  # session and supervisor
                 result["netem"] = _netem_delta(netem_before, netem.snapshot())
             nursery.cancel_scope.cancel()
     return result

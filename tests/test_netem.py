@@ -524,3 +524,21 @@ async def test_the_proxy_passes_the_clouds_close_code_and_reason_on(aio_loop: ob
             assert closed.value.reason.code == 4001
             assert closed.value.reason.reason == "max duration"
         nursery.cancel_scope.cancel()
+
+
+async def test_an_upstream_that_fails_closes_one_connection_not_the_proxy(
+    aio_loop: object,
+) -> None:
+    async with running_devcloud() as cloud_url, open_netem() as netem:
+        for upstream in ("ws://127.0.0.1:9/ws", cloud_url.replace("http", "ws") + "/nowhere"):
+            async with trio.open_nursery() as nursery:
+                proxy_url = await nursery.start(partial(serve_signaling_proxy, netem, upstream))
+                for _ in range(2):  # the proxy survives the first failure
+                    async with open_signaling(proxy_url, expect_ready=False) as signaling:
+                        with (
+                            trio.fail_after(WAIT),
+                            pytest.raises(trio_websocket.ConnectionClosed) as closed,
+                        ):
+                            await signaling.receive()
+                        assert closed.value.reason.code == 1011
+                nursery.cancel_scope.cancel()

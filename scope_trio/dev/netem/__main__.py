@@ -58,7 +58,7 @@ def command(netem: Netem, line: str) -> dict[str, Any]:
         return {"ok": True}
     verb, rest = words[0], words[1:]
     if verb == "set" and rest:
-        for d in netem._directions(cast("Any", rest[0])):
+        for d in netem.directions(cast("Any", rest[0])):
             netem.configure(d, impairment(rest[1:], netem.links[d].impairment))
         return {"ok": True, "set": rest[0]}
     if verb == "blackout":

@@ -170,6 +170,10 @@ async def _handle(netem: Netem, upstream: str, request: trio_websocket.WebSocket
             done = nursery.cancel_scope
             nursery.start_soon(_pump, server, cloud, joined.from_server, done)
             nursery.start_soon(_pump, cloud, server, joined.from_cloud, done)
+    except Exception:  # one broken connection must not take the proxy (its nursery) down
+        logger.exception("netem: signaling connection to %s failed", upstream)
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await server.aclose(1011, "netem: upstream connection failed")
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await server.aclose()

@@ -191,7 +191,7 @@ class Netem:
 
     def configure(self, direction: Direction | Literal["both"], impairment: Impairment) -> None:
         """Impair ``direction`` (or both) like this from the next datagram on."""
-        for d in self._directions(direction):
+        for d in self.directions(direction):
             self.links[d].impairment = impairment
 
     def blackout(
@@ -204,7 +204,7 @@ class Netem:
         on every session (``all``, new ones included) or on those that exist now
         (``existing``: a new session finds a working path). Returns when it ends."""
         until = math.inf if seconds is None else trio.current_time() + seconds
-        for d in self._directions(direction):
+        for d in self.directions(direction):
             if scope == "all":
                 self.links[d].blackout_until = until
             else:
@@ -238,7 +238,8 @@ class Netem:
         }
 
     @staticmethod
-    def _directions(direction: Direction | Literal["both"]) -> tuple[Direction, ...]:
+    def directions(direction: Direction | Literal["both"]) -> tuple[Direction, ...]:
+        """``up``, ``down`` or both of them; ValueError for anything else."""
         if direction == "both":
             return DIRECTIONS
         if direction not in DIRECTIONS:
