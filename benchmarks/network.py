@@ -30,6 +30,9 @@ Reported per profile:
   the browser's camera track, p50 / p95 / max; **drift**: p50 of the window's last quarter
   minus p50 of its first quarter;
 * **freezes**: every gap of more than 0.2 s between two frames that advance the picture;
+* the emulator's counters per direction (datagrams in, forwarded, dropped by cause,
+  reordered) and its own accuracy: how late datagrams left against their release time (it
+  runs in this process, next to the browser's codecs);
 * for faults, from ``t0`` (the moment just before the fault): **detection** (the first
   server status on ``GET /api/v1/cloud/events`` with ``webrtc_reconnecting`` or without
   ``webrtc_connected``), **first live frame** (the first arrival of a frame pushed after
@@ -433,6 +436,7 @@ async def run_profile(
                 await trio.sleep(SETTLE)
                 losses_before = await losses(http)
                 netem_before = netem.snapshot()
+                netem.lateness.update(max_s=0.0, over_5ms=0, over_20ms=0)
                 log_mark = len(server.stderr)
                 start = trio.current_time()
                 result: dict[str, Any] = {"title": profile.title, "target": profile.target}
@@ -464,6 +468,7 @@ async def run_profile(
                 reasons = [m.group(1) for line in log.splitlines() if (m := LOSS_LINE.search(line))]
                 result["loss_log"] = list(dict.fromkeys(reasons))[:20]  # session and supervisor
                 result["netem"] = _netem_delta(netem_before, netem.snapshot())
+                result["netem"]["lateness"] = dict(netem.lateness)  # the emulator's accuracy
             nursery.cancel_scope.cancel()
     return result
 

@@ -44,6 +44,7 @@ def test_network_runs_profiles_through_the_emulator(
         assert {"count", "total_s", "longest_s", "list"} <= profile["freezes"].keys()
         assert profile["netem"]["up"]["forwarded"] > 0  # the media went through the relay
         assert profile["netem"]["down"]["forwarded"] > 0
+        assert {"max_s", "over_5ms", "over_20ms"} == profile["netem"]["lateness"].keys()
     assert clean["false_losses"] == 0
     # The dev cloud closed its peer connection: the server saw it and a new session streams.
     assert close_pc["rebuilds"] >= 1

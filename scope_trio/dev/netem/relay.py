@@ -168,6 +168,9 @@ class Netem:
         self.unknown_source = 0
         self.send_errors = 0
         self.receive_errors = 0
+        self.lateness: dict[str, float] = {"max_s": 0.0, "over_5ms": 0, "over_20ms": 0}
+        """How late datagrams left compared with their release time: the emulator's own
+        accuracy (a busy process delays its timers; check it before trusting a figure)."""
         self._by_real: dict[Addr, Endpoint] = {}
         self._heap: list[tuple[float, int, int, Direction, Endpoint, Addr, bytes]] = []
         self._order = itertools.count()
@@ -235,6 +238,7 @@ class Netem:
             "unknown_source": self.unknown_source,
             "send_errors": self.send_errors,
             "receive_errors": self.receive_errors,
+            "lateness": dict(self.lateness),
         }
 
     @staticmethod
@@ -283,10 +287,11 @@ class Netem:
 
     async def _scheduler(self) -> None:
         while True:
-            while self._heap and self._heap[0][0] <= trio.current_time():
-                _, _, seq, direction, via, dest, data = heapq.heappop(self._heap)
+            while self._heap and self._heap[0][0] <= (now := trio.current_time()):
+                release, _, seq, direction, via, dest, data = heapq.heappop(self._heap)
                 if via.closed:
                     continue
+                self._record_lateness(now - release)
                 try:
                     await via.sock.sendto(data, dest)
                 except OSError:
@@ -296,6 +301,13 @@ class Netem:
             with trio.move_on_at(self._heap[0][0] if self._heap else math.inf):
                 await self._wake.wait()
             self._wake = trio.Event()
+
+    def _record_lateness(self, late: float) -> None:
+        self.lateness["max_s"] = max(self.lateness["max_s"], late)
+        if late > 0.005:
+            self.lateness["over_5ms"] += 1
+        if late > 0.020:
+            self.lateness["over_20ms"] += 1
 
     async def _janitor(self) -> None:
         while True:
