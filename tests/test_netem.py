@@ -542,3 +542,11 @@ async def test_an_upstream_that_fails_closes_one_connection_not_the_proxy(
                             await signaling.receive()
                         assert closed.value.reason.code == 1011
                 nursery.cancel_scope.cancel()
+
+
+async def test_a_mirror_binds_loopback_for_an_address_not_of_this_host() -> None:
+    async with open_netem() as netem:
+        session = await netem.open_session()
+        mirror = await session.add_endpoint(Addr("203.0.113.9", 40000), "server")
+        assert mirror.host == "127.0.0.1"
+        assert mirror.port > 0

@@ -84,7 +84,12 @@ class Session:
             raise RuntimeError("netem session is closed")
         sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
-            await sock.bind((self.netem.bind_host or real.host, 0))
+            try:
+                await sock.bind((self.netem.bind_host or real.host, 0))
+            except OSError:  # not an address of this host (a server-reflexive candidate)
+                if self.netem.bind_host:
+                    raise
+                await sock.bind(("127.0.0.1", 0))
         except BaseException:
             sock.close()
             raise
@@ -163,7 +168,8 @@ class Netem:
         self.max_sessions = max_sessions
         self.idle_timeout = idle_timeout
         self.bind_host = bind_host
-        """Address the mirror sockets bind (None: the address of the endpoint mirrored)."""
+        """Address the mirror sockets bind (None: the address of the endpoint mirrored if it
+        is one of this host's, else 127.0.0.1)."""
         self.sessions: list[Session] = []
         self.unknown_source = 0
         self.send_errors = 0
