@@ -73,6 +73,7 @@ from scope_trio.dev.netem import (
     open_netem,
     serve_signaling_proxy,
 )
+from scope_trio.rtc import raw, tracks
 
 BENCHMARK = "network"
 FULL_SECONDS, QUICK_SECONDS, LONG_SECONDS = 60.0, 15.0, 1800.0
@@ -239,30 +240,30 @@ class Browser:
 
 @contextlib.asynccontextmanager
 async def streaming_browser(http: httpx.AsyncClient) -> AsyncIterator[Browser]:
-    pc = rtc.new_peer_connection([])
-    events = rtc.PeerEvents(pc)
+    pc = raw.new_peer_connection([])
+    events = raw.PeerEvents(pc)
     camera = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
     pc.addTrack(camera)
     browser = Browser()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(browser.produce, camera)
-            offer = await rtc.create_offer(pc)
+            offer = await raw.create_offer(pc)
             with trio.fail_after(START_TIMEOUT):
                 response = await http.post(
                     "/api/v1/webrtc/offer", json={"sdp": offer.sdp, "type": offer.type}
                 )
             response.raise_for_status()
-            await rtc.apply_answer(pc, response.json()["sdp"], "answer")
+            await raw.apply_answer(pc, response.json()["sdp"], "answer")
             with trio.fail_after(FIRST_FRAME_TIMEOUT):
                 track = await events.tracks.receive()
-                nursery.start_soon(rtc.receive_video, track, browser.on_frame)
+                nursery.start_soon(tracks.receive_video, track, browser.on_frame)
                 await browser.first.wait()
             yield browser
             nursery.cancel_scope.cancel()
     finally:
         camera.stop()
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
 
 
 # ---------------------------------------------------------------- the server

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio_websocket
+from aiortc import RTCPeerConnection
 from devcloud_client import fault, open_signaling, running_devcloud, start_media
 
 from scope_trio import rtc
@@ -42,6 +43,7 @@ from scope_trio.dev.netem import (
     serve_signaling_proxy,
 )
 from scope_trio.dev.netem.__main__ import command, impairment
+from scope_trio.rtc import raw, tracks
 
 WAIT = 10.0
 
@@ -375,7 +377,7 @@ async def test_the_queue_is_bounded_and_sessions_retire() -> None:
 # ------------------------------------------------------------------ real aiortc peers
 
 
-def _remote_of_selected_pair(pc: rtc.RTCPeerConnection) -> Addr:
+def _remote_of_selected_pair(pc: RTCPeerConnection) -> Addr:
     """The remote address ICE nominated (aioice internals, test-only)."""
     transport = pc.getTransceivers()[0].receiver.transport.transport
     pair = next(iter(transport._connection._nominated.values()))
@@ -384,17 +386,17 @@ def _remote_of_selected_pair(pc: rtc.RTCPeerConnection) -> Addr:
 
 async def test_real_aiortc_peers_connect_only_through_the_relay(aio_loop: object) -> None:
     async with open_netem(seed=1, up=Impairment(delay=0.01)) as netem:
-        offerer, answerer = rtc.new_peer_connection([]), rtc.new_peer_connection([])
+        offerer, answerer = raw.new_peer_connection([]), raw.new_peer_connection([])
         try:
             source = rtc.TrioVideoSource(fps=30)
             offerer.addTrack(source)
-            events = rtc.PeerEvents(answerer)
+            events = raw.PeerEvents(answerer)
             session = await netem.open_session()
-            offer = await rtc.create_offer(offerer)
+            offer = await raw.create_offer(offerer)
             seen_offer = await session.rewrite_offer(offer.sdp)
-            answer = await rtc.answer_offer(answerer, seen_offer)
+            answer = await raw.answer_offer(answerer, seen_offer)
             seen_answer = await session.rewrite_answer(answer.sdp)
-            await rtc.apply_answer(offerer, seen_answer)
+            await raw.apply_answer(offerer, seen_answer)
             mirrors = {ep.mirror for ep in session.endpoints}
             assert set(relayable(seen_offer)) | set(relayable(seen_answer)) <= mirrors
             frames = 0
@@ -409,7 +411,7 @@ async def test_real_aiortc_peers_connect_only_through_the_relay(aio_loop: object
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(WAIT):
                     track = await events.tracks.receive()
-                nursery.start_soon(rtc.receive_video, track, on_frame)
+                nursery.start_soon(tracks.receive_video, track, on_frame)
                 with trio.fail_after(WAIT):
                     await got.wait()
                 nursery.cancel_scope.cancel()
@@ -420,8 +422,8 @@ async def test_real_aiortc_peers_connect_only_through_the_relay(aio_loop: object
             assert snap["down"]["forwarded"] > 0  # STUN, DTLS, RTCP
             assert snap["unknown_source"] == 0
         finally:
-            await rtc.close_peer_connection(offerer)
-            await rtc.close_peer_connection(answerer)
+            await raw.close_peer_connection(offerer)
+            await raw.close_peer_connection(answerer)
 
 
 async def test_the_signaling_proxy_forces_a_dev_cloud_session_through_the_relay(
@@ -457,7 +459,7 @@ async def test_the_signaling_proxy_forces_a_dev_cloud_session_through_the_relay(
                     pytest.fail("frames kept arriving through a blacked-out relay")
             finally:
                 media.cancel_scope.cancel()
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
         nursery.cancel_scope.cancel()
 
 
