@@ -1,6 +1,4 @@
-"""STATUS: usable
-
-The one package where trio meets asyncio/aiortc. Everything else in scope-trio is plain
+"""The one package where trio meets asyncio/aiortc. Everything else in scope-trio is plain
 trio and never touches an aiortc object: it uses the trio-facing API re-exported here.
 
 Modules, one concern each:
