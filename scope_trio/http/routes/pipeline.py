@@ -57,7 +57,7 @@ class PipelineRoutes(RouteGroup):
             "pipeline_status",
             "Pipeline status (not_loaded while not connected)",
             {200: PipelineStatus, 502: _ERR},
-            forward=Forward(30.0),
+            forward=Forward(30.0, finish="status_defaults"),
         ),
         Route(
             "GET",
@@ -109,6 +109,10 @@ class PipelineRoutes(RouteGroup):
 
     async def pipeline_status(self) -> Response:
         return self.ctx.json(NOT_LOADED)
+
+    def status_defaults(self, data: Any) -> Any:
+        """Every field of the status, as Scope's response model fills in its defaults."""
+        return {**NOT_LOADED, **data} if isinstance(data, dict) else data
 
     async def pipeline_schemas(self) -> Response:
         return self.ctx.json({"pipelines": {}})
