@@ -10,9 +10,12 @@ by concern:
 ``asgi``                the app class, the connection wrapper, body limits, CORS, errors,
                         the redactor, deadlines
 ``models``              request and response models (CloudStatus comes from the cloud layer)
-``openapi``             routes as data, and the OpenAPI document built from them
+``openapi``             routes as data (with how each is forwarded), the OpenAPI document
+``proxy``               forwarding a route to the cloud and mapping the cloud's answer
 ``sse``                 the event streams
-``routes/*``            the handlers: cloud link, WebRTC, pipeline, operations
+``routes/*``            the handlers: cloud link, WebRTC, pipelines, library (LoRAs,
+                        assets, plugins, recordings), local (hardware, OSC, input sources,
+                        keys, logs), operations (health, pages, the frontend)
 ``static/``             the status page
 ======================  ==================================================================
 
@@ -34,6 +37,10 @@ Decisions where Scope's API is silent or where we differ (each is tested):
   :class:`~scope_trio.core.supervisor.SupervisorError` while starting the cloud session is **502**.
 * ``GET /api/v1/webrtc/ice-servers`` without a cloud link answers ``{"iceServers": []}``: the
   browser talks to this server, normally over loopback, and the machine may be offline.
+* The routes Scope forwards to the cloud are forwarded while connected
+  (:mod:`scope_trio.http.proxy`, driven by each route's ``forward``); not connected, every
+  route answers what is true on a server with no GPU, and what cannot work says why in a
+  400. ``docs/api.md`` lists every route in both states.
 * Beyond Scope: ``GET /api/v1/cloud/events`` (Server-Sent Events of CloudStatus),
   ``GET /api/v1/config`` (what the status page needs to know), ``GET /openapi.json``,
   ``GET /metrics`` (Prometheus, :mod:`scope_trio.ops.metrics`) and the status page at ``/``.

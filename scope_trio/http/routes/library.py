@@ -28,6 +28,7 @@ from scope_trio.http.models import (
 )
 from scope_trio.http.openapi import Forward, Route
 from scope_trio.http.routes.base import RouteGroup, needs_cloud, not_supported
+from scope_trio.ops import logs
 
 __all__ = ["CIVITAI_ENV", "LibraryRoutes"]
 
@@ -220,6 +221,7 @@ class LibraryRoutes(RouteGroup):
         if token and _civitai_host(url) and "token" not in parse_qs(urlsplit(url).query):
             url += ("&" if urlsplit(url).query else "?") + f"token={token}"
             self.ctx.app.redact.add(token)
+            logs.add_secret(token)
         return path, {"url": url, "filename": request.filename}
 
     async def lora_download_body(self, path: str, body: Any) -> tuple[str, Any]:
@@ -231,6 +233,7 @@ class LibraryRoutes(RouteGroup):
             if token:
                 forwarded["civitai_token"] = token
                 self.ctx.app.redact.add(token)
+                logs.add_secret(token)
         return path, forwarded
 
     async def recording_path(self, path: str, body: Any, session_id: str) -> tuple[str, Any]:

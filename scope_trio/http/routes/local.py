@@ -33,6 +33,7 @@ from scope_trio.http.models import (
 from scope_trio.http.openapi import Forward, Route
 from scope_trio.http.routes.base import RouteGroup
 from scope_trio.http.sse import keepalive_events, stream_response
+from scope_trio.ops import logs
 
 __all__ = ["KEY_SERVICES", "LocalRoutes"]
 
@@ -269,6 +270,7 @@ class LocalRoutes(RouteGroup):
         spec = self._service(service_id)
         self.ctx.keys[service_id] = body.value
         self.ctx.app.redact.add(body.value)
+        logs.add_secret(body.value)
         return self.ctx.json({"success": True, "message": spec["saved"]})
 
     async def key_delete(self, service_id: str) -> Response:
