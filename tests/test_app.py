@@ -31,6 +31,7 @@ from scope_trio.cloud.media import VideoInput
 from scope_trio.core.supervisor import StartFailedError
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 from scope_trio.http.app import MIB, PIPELINE_NOT_LOADED, ROUTES, ScopeApp, create_app
+from scope_trio.http.routes.pipeline import NOT_LOADED
 
 SENTINEL_KEY = "sk-SENTINEL-8f2c1e0b9a"
 OTHER_KEY = "sk-OTHER-SENTINEL-77aa01"
@@ -580,6 +581,7 @@ async def test_pipeline_routes_pass_the_clouds_status_and_body_through() -> None
         response = await s.http.get("/api/v1/pipeline/status")
         assert response.status_code == 200
         assert response.json() == {
+            **NOT_LOADED,  # every field, as Scope's response model fills them in
             "status": "loaded",
             "pipeline_id": "passthrough",
             "load_params": None,
@@ -590,6 +592,7 @@ async def test_pipeline_routes_pass_the_clouds_status_and_body_through() -> None
         assert response.json() == {"message": "Pipeline loading initiated successfully"}
         status = (await s.http.get("/api/v1/pipeline/status")).json()
         assert status == {
+            **NOT_LOADED,
             "status": "loaded",
             "pipeline_id": "invert",
             "load_params": {"height": 512},

@@ -169,6 +169,8 @@ async def test_every_forwarded_route_goes_to_the_cloud_with_path_query_and_body(
                     "ndi_available": False,
                     "syphon_available": False,
                 }
+            elif route.path == "/api/v1/pipeline/status":
+                assert data == {**NOT_LOADED, "echo": sent}, "every field, as Scope's model"
             else:
                 assert data == {"echo": sent}
         assert len(r.cloud.received) == len(FORWARDED) - 1
