@@ -38,8 +38,14 @@ HARDWARE = {"vram_gb", "spout_available", "ndi_available", "syphon_available"}
 
 def bridge_dev_cloud(monkeypatch: pytest.MonkeyPatch) -> None:
     """Until the dev cloud answers the rest of Scope's API itself: answers in the cloud's
-    shapes for the paths it does not know yet (it keeps answering the ones it knows)."""
-    known = devcloud.DevCloud.api_call
+    shapes for the paths it does not know yet (it keeps answering the ones it knows).
+
+    The dev cloud that does (its ``api`` module) has no ``DevCloud.api_call``: then there is
+    nothing to bridge. Delete this function once that dev cloud is the only one.
+    """
+    known = getattr(devcloud.DevCloud, "api_call", None)
+    if known is None:
+        return
     schema = {
         "id": "invert",
         "name": "Invert",
