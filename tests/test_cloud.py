@@ -256,3 +256,23 @@ async def test_simulated_media_loss_takes_the_real_loss_path() -> None:
         await r.until(lambda s: s["webrtc_connected"])
         await r.fresh_frame()
         assert r.manager.supervisor.status.sessions_started == 2
+
+
+async def test_a_superseded_media_handle_can_neither_update_nor_stop_its_successor() -> None:
+    async with rig() as r:
+        await r.manager.connect()
+        await r.until(lambda s: s["connected"])
+        old = r.manager.begin_media({"prompts": ["old"]}, video_input=r.video)
+        new = r.manager.begin_media({"prompts": ["new"]}, video_input=r.video)
+        # Made before the new session connects: the supervisor keeps it for the offer.
+        assert new.update_parameters({"noise_scale": 0.5}) is True
+        with trio.fail_after(20):
+            await new.connected()
+        assert (old.current, new.current) == (False, True)
+        assert old.update_parameters({"prompts": ["stale"]}) is False
+        await old.stop()
+        assert r.manager.supervisor.status.webrtc_connected, "the old owner stopped nothing"
+        sessions = (await r.cloud_state())["sessions"]
+        assert sessions[-1]["parameters"] == {"prompts": ["new"], "noise_scale": 0.5}
+        await new.stop()
+        assert not r.manager.supervisor.status.webrtc_connected

@@ -82,7 +82,7 @@ from serve_process import (
 )
 
 from scope_trio import rtc
-from scope_trio.core.session import MAX_JSON_DEPTH
+from scope_trio.core.params import MAX_JSON_DEPTH
 from scope_trio.http.app import FAST_REQUESTS, PIPELINE_NOT_LOADED
 from scope_trio.http.routes.cloud import CloudRoutes
 from scope_trio.server import ServerConfig, serve

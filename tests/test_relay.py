@@ -25,7 +25,7 @@ from devcloud_client import eventually, live_peer_connections
 
 from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
-from scope_trio.core.session import MAX_JSON_DEPTH
+from scope_trio.core.params import MAX_JSON_DEPTH
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 from scope_trio.relay.relay import Relay
 from scope_trio.rtc import raw

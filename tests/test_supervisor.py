@@ -16,6 +16,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
+from scope_trio.core.params import ParameterError
 from scope_trio.core.supervisor import (
     Phase,
     ReconnectPolicy,
@@ -427,9 +428,9 @@ async def test_bad_update_is_refused_and_changes_nothing(autojump_clock: MockClo
     cloud = FakeCloud()
     async with supervised(cloud) as supervisor:
         await supervisor.start({"a": 1})
-        with pytest.raises(TypeError, match="JSON object"):
+        with pytest.raises(ParameterError, match="JSON object"):
             supervisor.update_parameters(["not", "a", "dict"])  # type: ignore[arg-type]
-        with pytest.raises(TypeError, match="keys must be strings"):
+        with pytest.raises(ParameterError, match="keys must be strings"):
             supervisor.update_parameters({1: "x"})  # type: ignore[dict-item]
         assert supervisor.last_parameters == {"a": 1}
         assert supervisor.status.webrtc_connected
@@ -758,11 +759,11 @@ async def test_parameters_that_are_not_plain_json_are_refused_up_front(
 ) -> None:
     cloud = FakeCloud()
     async with supervised(cloud) as supervisor:
-        with pytest.raises(TypeError, match="plain JSON"):
+        with pytest.raises(ParameterError, match="plain JSON"):
             await supervisor.start({"x": {1, 2}})
         await supervisor.start({"a": 1})
         await lose(supervisor, cloud)
-        with pytest.raises(TypeError, match="plain JSON"):
+        with pytest.raises(ParameterError, match="plain JSON"):
             supervisor.update_parameters({"x": float("nan")})
         await until(supervisor, connected)
         assert supervisor.last_parameters == {"a": 1}

@@ -44,7 +44,12 @@ from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, V
 from scope_trio.cloud.status import CloudStats, CloudStatus
 from scope_trio.core.retry import Backoff, RestartTracker, RestartWindow
 from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
-from scope_trio.core.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
+from scope_trio.core.supervisor import (
+    PendingStart,
+    ReconnectPolicy,
+    SessionSupervisor,
+    SupervisorError,
+)
 from scope_trio.ops import logs
 
 logger = logging.getLogger(__name__)
@@ -139,6 +144,55 @@ class _NoLinkSession:
         raise SessionClosedError("the cloud link is down")
 
 
+class MediaHandle:
+    """One owner's hold on the cloud media session, from :meth:`CloudManager.begin_media`.
+
+    The owner (a browser session of the relay) feeds ``video_input``, gets every processed
+    frame through ``on_frame`` across reconnects, and sends parameter updates through the
+    handle. A later ``begin_media`` supersedes it: from then on its updates and its
+    :meth:`stop` do nothing, so an owner that is going away can never touch its
+    successor's session. Updates made before the session connects are kept by the
+    supervisor (the only place that buffers them) and go out with its offer or right after.
+    """
+
+    def __init__(
+        self,
+        manager: CloudManager,
+        pending: PendingStart,
+        video_input: VideoInput,
+        on_frame: Callable[[VideoFrame], object] | None,
+    ) -> None:
+        self._manager = manager
+        self._pending = pending
+        self.video_input = video_input
+        self.on_frame = on_frame
+
+    @property
+    def current(self) -> bool:
+        """Still the owner: no later ``begin_media`` or ``stop_media`` took over."""
+        return self._manager._media is self
+
+    async def connected(self) -> None:
+        """Returns once the session is connected; raises the supervisor's errors."""
+        link = self._manager.link
+        # The run the supervisor starts here logs for this link, and for no one session.
+        with logs.bound(connection_id=link.connection_id or "" if link else "", session_id=""):
+            await self._pending.connected()
+
+    def update_parameters(self, update: Mapping[str, Any]) -> bool:
+        """Merge ``update`` into the session's parameters; False (nothing done) once
+        superseded. Raises :class:`~scope_trio.core.params.ParameterError`."""
+        if not self.current:
+            return False
+        self._manager.supervisor.update_parameters(update)
+        return True
+
+    async def stop(self) -> None:
+        """Stop the session if this handle still owns it (shielded and bounded)."""
+        if self.current:
+            await self._manager.stop_media()
+
+
 class CloudManager:
     """Owns the cloud link and the media supervisor, and derives CloudStatus from both.
 
@@ -204,8 +258,9 @@ class CloudManager:
         self._link_done: trio.Event | None = None
         self._user_id: str | None = None
         self._last_load: dict[str, Any] | None = None
-        self._video_input = VideoInput()
-        self._on_frame: Callable[[VideoFrame], object] | None = None
+        self._idle_input = VideoInput()  # what a session feeds the cloud with no owner
+        self._media: MediaHandle | None = None
+        """The owner of the cloud media session (the relay's current browser session)."""
         self.last_frame_at: float | None = None
         """``trio.current_time()`` of the last frame any cloud media session delivered."""
         self._state = LinkState()
@@ -486,7 +541,7 @@ class CloudManager:
             return _NoLinkSession()
         return CloudMediaSession(
             link,
-            video_input=self._video_input,
+            video_input=self._media.video_input if self._media else self._idle_input,
             on_frame=self._deliver,
             config=self._media_config,
             stats=self.media_stats,
@@ -495,8 +550,26 @@ class CloudManager:
 
     def _deliver(self, frame: VideoFrame) -> None:
         self.last_frame_at = trio.current_time()
-        if self._on_frame is not None:
-            self._on_frame(frame)
+        if self._media is not None and self._media.on_frame is not None:
+            self._media.on_frame(frame)
+
+    def begin_media(
+        self,
+        params: Mapping[str, Any],
+        *,
+        video_input: VideoInput | None = None,
+        on_frame: Callable[[VideoFrame], object] | None = None,
+    ) -> MediaHandle:
+        """Take over the cloud media session for a new owner, synchronously; see
+        :class:`MediaHandle`. ``params`` are adopted at once (a :class:`Parameters` checked
+        at the edge is kept as it is). Raises :class:`NotConnectedError` without a link and
+        :class:`~scope_trio.core.params.ParameterError` for bad parameters."""
+        if self._link is None:
+            raise NotConnectedError("not connected to the cloud")
+        pending = self.supervisor.begin(params)
+        handle = MediaHandle(self, pending, video_input or VideoInput(), on_frame)
+        self._media = handle
+        return handle
 
     async def start_media(
         self,
@@ -504,24 +577,16 @@ class CloudManager:
         *,
         video_input: VideoInput | None = None,
         on_frame: Callable[[VideoFrame], object] | None = None,
-    ) -> None:
-        """Start (or replace) the cloud media session; returns once it is connected.
-
-        ``video_input`` feeds the cloud; ``on_frame`` receives its processed frames, across
-        every reconnect. Raises :class:`NotConnectedError` without a link, and the
-        supervisor's errors otherwise.
-        """
-        if self._link is None:
-            raise NotConnectedError("not connected to the cloud")
-        self._video_input = video_input or VideoInput()
-        self._on_frame = on_frame
-        # The run the supervisor starts here logs for this link, and for no one session.
-        with logs.bound(connection_id=self._link.connection_id or "", session_id=""):
-            await self.supervisor.start(params)
+    ) -> MediaHandle:
+        """:meth:`begin_media`, then wait until the session is connected."""
+        handle = self.begin_media(params, video_input=video_input, on_frame=on_frame)
+        await handle.connected()
+        return handle
 
     async def stop_media(self) -> None:
+        """Stop the cloud media session, whoever owns it."""
+        self._media = None
         await self.supervisor.stop()
-        self._on_frame = None
 
     async def simulate_media_loss(self) -> None:
         """Debug: force-close the cloud peer connection; recovery takes the real-loss path.

@@ -23,55 +23,11 @@ fake used by the race tests is :class:`scope_trio.dev.fakes.FakeCloud`.
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-
-Parameters = dict[str, Any]
-"""A JSON object of pipeline parameters (``prompts``, ``noise_scale``, ... extra keys allowed)."""
-
-MAX_JSON_DEPTH = 64
-"""Parameters and request bodies nested deeper are refused: deep enough for any real body,
-shallow enough that nothing downstream (validation, copies, the cloud link's ``json.dumps``)
-can recurse too far."""
-
-
-class JsonTooDeepError(ValueError):
-    """JSON nested deeper than :data:`MAX_JSON_DEPTH`."""
-
-    def __init__(self, limit: int = MAX_JSON_DEPTH) -> None:
-        super().__init__(f"JSON nested deeper than {limit} levels")
-
-
-def nested_deeper_than(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True when lists and objects in ``value`` nest deeper than ``limit`` (no recursion)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = (
-            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        )
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
-
-
-def loads_json(text: str | bytes, limit: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that raises ``ValueError`` for every bad input: a deep nesting is a
-    :class:`JsonTooDeepError`, never the ``RecursionError`` the parser would raise."""
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise JsonTooDeepError(limit) from None
-    if nested_deeper_than(value, limit):
-        raise JsonTooDeepError(limit)
-    return value
 
 
 class SessionClosedError(Exception):
@@ -109,7 +65,7 @@ class Loss:
 class SessionAttempt(Protocol):
     """What the supervisor hands one session for one connect attempt."""
 
-    def parameters(self) -> Parameters:
+    def parameters(self) -> dict[str, Any]:
         """The initial parameters as they are now (a private copy): call it when building
         the offer. Whatever it returned is what the session is known to have started with."""
         ...

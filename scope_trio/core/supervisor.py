@@ -49,7 +49,6 @@ attempt object, tickets, retire/abandon, recovery) and are easier to check side 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -73,16 +72,14 @@ from scope_trio.core.events import (
     Subscriber,
     SupervisorEvent,
 )
+from scope_trio.core.params import ParameterError, owned
 from scope_trio.core.retry import ReconnectPolicy
 from scope_trio.core.session import (
-    JsonTooDeepError,
     Loss,
     LossKind,
     MediaSession,
-    Parameters,
     SessionClosedError,
     SessionFactory,
-    nested_deeper_than,
 )
 from scope_trio.core.status import (
     LOST_PREFIX,
@@ -98,6 +95,8 @@ __all__ = [
     "DEFAULT_ONE_SHOT_KEYS",
     "LOST_PREFIX",
     "REAP_FACTOR",
+    "ParameterError",
+    "PendingStart",
     "Phase",
     "ReconnectPolicy",
     "SessionSupervisor",
@@ -193,17 +192,18 @@ class _Attempt:
         self.session = session
         self.scope = trio.CancelScope()
         self.taken_version: int | None = None
-        self.taken_one_shots: Parameters = {}
+        self.taken_one_shots: dict[str, Any] = {}
         self.connected = False
         self.connected_at = 0.0
         self.loss: Loss | None = None
         self._task_status: trio.TaskStatus[None] | None = None
 
-    def parameters(self) -> Parameters:
+    def parameters(self) -> dict[str, Any]:
         supervisor = self._supervisor
         self.taken_version = supervisor._params_version
         self.taken_one_shots = dict(supervisor._pending_one_shots)
-        return {**copy.deepcopy(supervisor._params), **copy.deepcopy(self.taken_one_shots)}
+        # Shallow: the supervisor replaces values, never mutates them, and sessions only read.
+        return {**supervisor._params, **self.taken_one_shots}
 
     def started(self, value: None = None) -> None:
         assert self._task_status is not None
@@ -227,20 +227,21 @@ class _Attempt:
         self.scope.cancel()
 
 
-def _copy_parameters(params: Mapping[str, Any], what: str) -> Parameters:
-    """A private deep copy of ``params``, proven JSON-serialisable (the cloud gets JSON)."""
-    if not isinstance(params, Mapping):
-        raise TypeError(f"{what} must be a JSON object, got {type(params).__name__}")
-    bad = [key for key in params if not isinstance(key, str)]
-    if bad:
-        raise TypeError(f"{what} keys must be strings, got {bad[0]!r}")
-    if nested_deeper_than(params):
-        raise TypeError(f"{what} must be plain JSON: {JsonTooDeepError()}")
-    try:
-        copied: Parameters = json.loads(json.dumps(dict(params), allow_nan=False))
-    except (TypeError, ValueError, RecursionError) as exc:  # a cycle recurses
-        raise TypeError(f"{what} must be plain JSON: {exc}") from None
-    return copied
+class PendingStart:
+    """A start whose parameters the supervisor has adopted (:meth:`SessionSupervisor.begin`)."""
+
+    def __init__(self, supervisor: SessionSupervisor, ticket: int) -> None:
+        self._supervisor = supervisor
+        self._ticket = ticket
+
+    @property
+    def current(self) -> bool:
+        """False once a later start, a stop or a link loss superseded this one."""
+        return self._ticket == self._supervisor._ticket
+
+    async def connected(self) -> None:
+        """Returns once the session is connected; raises as :meth:`SessionSupervisor.start`."""
+        await self._supervisor._launch(self._ticket)
 
 
 class SessionSupervisor:
@@ -269,8 +270,8 @@ class SessionSupervisor:
         self._ticket = 0  # bumped by every start/stop/link loss; older runs are stale
         self._run: _Run | None = None
         self._session: _Attempt | None = None  # the connected session's attempt, if any
-        self._params: Parameters = {}  # replayable parameters (no one-shot keys)
-        self._pending_one_shots: Parameters = {}  # one-shot keys not yet delivered
+        self._params: dict[str, Any] = {}  # replayable parameters (no one-shot keys)
+        self._pending_one_shots: dict[str, Any] = {}  # one-shot keys not yet delivered
         self._params_version = 0  # bumped on every accepted update
         self._restarts = self.policy.intensity.tracker()
         self._outage_since: float | None = None
@@ -294,7 +295,7 @@ class SessionSupervisor:
         return self._session.session if self._session is not None else None
 
     @property
-    def last_parameters(self) -> Parameters:
+    def last_parameters(self) -> dict[str, Any]:
         """A deep copy of what a rebuilt session would start with (one-shots excluded)."""
         return copy.deepcopy(self._params)
 
@@ -412,13 +413,21 @@ class SessionSupervisor:
         Returns once the new session is connected. Raises :class:`StartFailedError` if it
         could not connect, :class:`StartAbortedError` if a later call superseded it.
         """
-        initial = _copy_parameters(params, "initial parameters")
+        await self.begin(params).connected()
+
+    def begin(self, params: Mapping[str, Any]) -> PendingStart:
+        """The synchronous half of :meth:`start`: supersede whatever runs and adopt ``params``
+        now, so every :meth:`update_parameters` from here on merges into them (and reaches
+        the session's offer, or its catch-up right after it connects). Await
+        :meth:`PendingStart.connected` for the other half. Raises :class:`ParameterError`.
+        """
+        initial = owned(params, "initial parameters")
         ticket = self._supersede(Phase.CONNECTING)
         self._params = {k: v for k, v in initial.items() if k not in self.one_shot_keys}
         self._pending_one_shots = {k: v for k, v in initial.items() if k in self.one_shot_keys}
         self._params_version += 1
         self._restarts.clear()
-        await self._launch(ticket)
+        return PendingStart(self, ticket)
 
     async def resume(self) -> None:
         """After :meth:`link_lost`, start a session again with the kept parameters.
@@ -479,9 +488,9 @@ class SessionSupervisor:
 
         Without a connected session the update is kept: replayable keys go into the next
         session's initial parameters, one-shot keys are delivered to it exactly once.
-        Raises ``TypeError`` for anything but a JSON object with string keys.
+        Raises :class:`ParameterError` for anything but a JSON object with string keys.
         """
-        update = _copy_parameters(update, "parameter update")
+        update = owned(update, "parameter update")
         if not update:
             return
         self._params.update({k: v for k, v in update.items() if k not in self.one_shot_keys})

@@ -22,7 +22,6 @@ import trio
 from scope_trio.core.session import (
     Loss,
     LossKind,
-    Parameters,
     SessionAttempt,
     SessionClosedError,
 )
@@ -68,14 +67,14 @@ class FakeSession:
         self.index = index
         self.plan = plan
         self.state = FakeState.CONNECTING
-        self.initial: Parameters | None = None
-        self.updates: list[Parameters] = []
+        self.initial: dict[str, Any] | None = None
+        self.updates: list[dict[str, Any]] = []
         self.loss: Loss | None = None
         self.connected_once = False
         self._lost = trio.Event()
 
     @property
-    def received(self) -> Parameters:
+    def received(self) -> dict[str, Any]:
         """The initial parameters merged with every update, as the cloud sees them."""
         merged = dict(self.initial or {})
         for update in self.updates:

@@ -36,7 +36,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from werkzeug.exceptions import HTTPException, NotFound
 
-from scope_trio.core.session import JsonTooDeepError, loads_json
+from scope_trio.core.params import JsonTooDeepError, loads_json
 
 __all__ = [
     "BODY_DRAIN_TIMEOUT",

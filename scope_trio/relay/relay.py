@@ -13,9 +13,9 @@ Supervision (everything runs in a nursery someone owns)::
         └── session nursery
             ├── _watch_connection      browser pc closed/failed, or never connected: the end
             ├── _pump_tracks           browser video → VideoInput → the cloud session
-            ├── _pump_channels         browser JSON → manager.update_parameters
+            ├── _pump_channels         browser JSON → its MediaHandle → the supervisor
             ├── _hold_frames           the last good frame (black before the first) at fps
-            └── _start_cloud           manager.start_media(initialParameters) in the background
+            └── _start_cloud           waits for the cloud media session it began to connect
 
 Guarantees:
 
@@ -41,7 +41,6 @@ run inside an open trio-asyncio loop (:func:`scope_trio.rtc.open_loop`).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import uuid
@@ -54,9 +53,9 @@ import trio
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.cloud.manager import CloudManager, NotConnectedError
+from scope_trio.cloud.manager import CloudManager, MediaHandle, NotConnectedError
 from scope_trio.cloud.media import VideoInput
-from scope_trio.core.session import JsonTooDeepError, loads_json, nested_deeper_than
+from scope_trio.core.params import ParameterError, Parameters, owned, parse_json_object
 from scope_trio.core.supervisor import SupervisorError
 from scope_trio.ops import logs
 
@@ -77,8 +76,9 @@ class _BrowserSession:
     pc: rtc.PeerConnection
     track: rtc.TrioVideoSource
     """The one outgoing track: the cloud's processed frames, held through outages."""
-    params: dict[str, Any]
-    """``initialParameters``; updates that arrive before the cloud start are merged in."""
+    params: Parameters
+    """``initialParameters``, checked and copied once at the offer; the cloud media session
+    takes them over when it begins (the supervisor keeps every later update)."""
     user_id: str | None
     created_at: float
     video_input: VideoInput = field(default_factory=VideoInput)
@@ -88,7 +88,8 @@ class _BrowserSession:
     open: bool = True
     end_reason: str | None = None
     connected_at: float | None = None
-    cloud_start_called: bool = False
+    media: MediaHandle | None = None
+    """This session's hold on the cloud media session, once it began."""
     cloud_error: str | None = None
     last_frame: VideoFrame | None = None
     last_cloud_frame_at: float = -math.inf
@@ -234,7 +235,7 @@ class Relay:
             raise ValueError(f"expected an SDP offer, got type {sdp_type!r}")
         if not isinstance(sdp, str):
             raise ValueError("'sdp' must be a string")  # noqa: TRY004 - the API's client error
-        params = _json_object(initial_parameters or {}, "initialParameters")
+        params = owned(initial_parameters or {}, "initialParameters")
 
         pc = rtc.PeerConnection([], close_timeout=self._close_timeout)  # collects events now
         track = rtc.TrioVideoSource(fps=self.fps, idle_timeout=None)  # _hold_frames feeds it
@@ -359,6 +360,9 @@ class Relay:
         logs.bind_session(session.id)  # every task of this session logs for it
         try:
             with session.scope:
+                # Before any data-channel message is read: from here on every update goes to
+                # the supervisor, the one place that keeps updates made before connecting.
+                self._begin_cloud(session)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_connection, session)
                     nursery.start_soon(self._pump_tracks, session, nursery)
@@ -379,9 +383,10 @@ class Relay:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 session.track.stop()
                 await session.pc.close()
-                if self._current is session:
+                if self._current is session:  # a replaced session leaves the cloud to its successor
                     self._current = None
-                    await self._manager.stop_media()
+                    if session.media is not None:
+                        await session.media.stop()  # only if it is still the owner
         finally:
             if self._sessions.get(session.id) is session:
                 del self._sessions[session.id]
@@ -423,27 +428,13 @@ class Relay:
         async for message in remote.messages:
             session.parameter_messages += 1
             try:
-                update = loads_json(message)
-            except ValueError as exc:  # deep nesting included: it would end the session
+                update = parse_json_object(message, "message")
+            except ParameterError as exc:  # deep nesting included: it would end the session
                 session.parameter_errors += 1
-                logger.warning(
-                    "data channel %r: message is not usable JSON (%s): %.80r", label, exc, message
-                )
+                logger.warning("data channel %r: %s: %.80r", label, exc, message)
                 continue
-            if not isinstance(update, dict):
-                session.parameter_errors += 1
-                logger.warning("data channel %r: message is not an object: %.80r", label, message)
-                continue
-            if self._current is not session:
-                continue  # being replaced: its cloud session is no longer ours
-            if not session.cloud_start_called:
-                session.params.update(update)  # goes out as initial parameters
-                continue
-            try:
-                self._manager.update_parameters(update)
-            except TypeError as exc:
-                session.parameter_errors += 1
-                logger.warning("data channel %r: parameter update refused: %s", label, exc)
+            if session.media is not None:
+                session.media.update_parameters(update)  # ignored once superseded
 
     async def _hold_frames(self, session: _BrowserSession) -> None:
         """Keep the browser track fed at ``fps`` when no cloud frame comes.
@@ -467,18 +458,32 @@ class Relay:
                 session.held_frames += 1
                 session.track.push(session.last_frame)
 
+    def _begin_cloud(self, session: _BrowserSession) -> None:
+        """Take the cloud media session over for ``session`` (synchronously); a failure is
+        recorded and logged, and the session streams held or black frames without it."""
+        if self._current is not session:
+            return  # already replaced
+        try:
+            session.media = self._manager.begin_media(
+                session.params, video_input=session.video_input, on_frame=session.on_cloud_frame
+            )
+        except NotConnectedError as exc:
+            session.cloud_error = str(exc)
+            logger.warning(
+                "cloud media session for browser session %s did not start: %s",
+                session.id,
+                session.cloud_error,
+            )
+
     async def _start_cloud(self, session: _BrowserSession) -> None:
-        """Start this session's cloud media session; failures are logged and recorded
-        (the manager's status carries them as ``webrtc_error``), never raised."""
-        session.cloud_start_called = True
+        """Wait for this session's cloud media session to connect; failures are logged and
+        recorded (the manager's status carries them as ``webrtc_error``), never raised."""
+        if session.media is None:
+            return
         try:
             with trio.move_on_after(self._start_timeout) as waited:
-                await self._manager.start_media(
-                    session.params,
-                    video_input=session.video_input,
-                    on_frame=session.on_cloud_frame,
-                )
-        except (NotConnectedError, SupervisorError, TypeError) as exc:
+                await session.media.connected()
+        except SupervisorError as exc:
             session.cloud_error = str(exc) or type(exc).__name__
             logger.warning(
                 "cloud media session for browser session %s did not start: %s",
@@ -491,18 +496,3 @@ class Relay:
             logger.warning("cloud media session for browser session %s timed out", session.id)
             return
         logger.info("cloud media session for browser session %s connected", session.id)
-
-
-def _json_object(value: Any, what: str) -> dict[str, Any]:
-    """A private deep copy of a JSON object; ``ValueError`` (a client error) otherwise."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")  # noqa: TRY004
-    if not all(isinstance(key, str) for key in value):  # json.dumps would stringify them
-        raise ValueError(f"{what} keys must be strings")
-    if nested_deeper_than(value):
-        raise JsonTooDeepError
-    try:
-        copied: dict[str, Any] = json.loads(json.dumps(dict(value), allow_nan=False))
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"{what} must be plain JSON: {exc}") from None
-    return copied
