@@ -17,6 +17,12 @@ What the link guarantees:
 * the api key travels only in the ``Authorization`` header: it is kept out of every repr,
   log line and exception message this module produces.
 
+The protocol itself is described in ``docs/cloud-protocol.md``; the URL rule and the
+deadlines live in :mod:`~scope_trio.cloud.link_config`, the errors in
+:mod:`~scope_trio.cloud.link_errors`. This module is the link alone, and stays one piece
+(~750 lines) because its receive loop, heartbeat, pending requests and close-reason rules
+share one state and are only correct together.
+
 Close reasons: the first cause recorded wins (an intentional :meth:`CloudLink.aclose`, a
 heartbeat timeout, or the transport closing). When the cloud sends an unsolicited ``error``
 and then closes, the error's text is the better reason and wins over the close frame's.
@@ -40,7 +46,18 @@ from typing import Any
 import trio
 import trio_websocket
 
-from scope_trio.core.retry import Backoff
+from scope_trio.cloud.link_config import LinkConfig, cloud_ws_url, safe_url
+from scope_trio.cloud.link_errors import (
+    CloudAccessDeniedError,
+    CloudConnectError,
+    CloudLinkClosedError,
+    CloudLinkError,
+    CloudReadyTimeoutError,
+    CloudRequestError,
+    CloudRequestTimeoutError,
+    as_connect_error,
+    clip,
+)
 from scope_trio.ops import logs
 
 __all__ = [
@@ -83,179 +100,6 @@ _LOG_LEVELS = {
     "CRITICAL": logging.CRITICAL,
     "FATAL": logging.CRITICAL,
 }
-_RETRYABLE_HTTP_STATUSES = frozenset({408, 425, 429})
-_SHOWN_CHARS = 200
-"""How much of an unexpected message is quoted in logs and errors."""
-
-
-# --------------------------------------------------------------------------- URL and config
-
-
-def cloud_ws_url(app_id: str | None, ws_url: str | None) -> str:
-    """The signaling URL: ``ws_url`` verbatim if set, else ``wss://fal.run/{app_id}/ws``.
-
-    Slashes around ``app_id`` are stripped and ``/ws`` appended unless already there.
-    Raises ValueError naming what to configure when neither is usable.
-    """
-    if ws_url:
-        return ws_url
-    app = (app_id or "").strip().strip("/")
-    if not app:
-        raise ValueError(
-            "No cloud app configured: set an app id (SCOPE_CLOUD_APP_ID) "
-            "or a signaling URL (SCOPE_CLOUD_WS_URL)"
-        )
-    if not app.endswith("/ws"):
-        app += "/ws"
-    return f"wss://fal.run/{app}"
-
-
-_API_KEY = re.compile(r"[\x21-\x7e]+")
-
-
-@dataclass(frozen=True)
-class LinkConfig:
-    """Everything needed to open one signaling link. Validated at construction.
-
-    ``api_key`` is excluded from ``repr``/``str`` so the config can be logged safely.
-    ``connect_attempts`` counts the first try; ``connect_backoff[i]`` is the pause before
-    attempt ``i + 2`` (the last entry repeats). ``ping_interval=None`` disables the heartbeat.
-    """
-
-    app_id: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    ws_url: str | None = None
-    user_id: str | None = None
-    connect_timeout: float = 30.0
-    ready_timeout: float = 180.0
-    request_timeout: float = 30.0
-    ping_interval: float | None = 10.0
-    pong_timeout: float = 5.0
-    close_timeout: float = 2.0
-    connect_attempts: int = 3
-    connect_backoff: tuple[float, ...] = (1.0, 2.0, 4.0)
-
-    def __post_init__(self) -> None:
-        url = self.url  # raises ValueError when neither app id nor ws url is set
-        if urllib.parse.urlsplit(url).scheme not in ("ws", "wss"):
-            raise ValueError(
-                f"cloud signaling URL must start with ws:// or wss://: {_safe_url(url)}"
-            )
-        # It goes out as a header value: the HTTP layer would reject a control character or
-        # an edge space with an error that quotes the header, escaped, so no redaction of
-        # the key itself would catch it (a key read from a CRLF file ends in "\r").
-        if self.api_key and not _API_KEY.fullmatch(self.api_key):
-            raise ValueError(
-                "the cloud api key must be printable ASCII without spaces (check for a "
-                "trailing newline or carriage return)"
-            )
-        for name in ("connect_timeout", "ready_timeout", "request_timeout", "pong_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive")
-        if self.close_timeout < 0:
-            raise ValueError("close_timeout must not be negative")
-        if self.ping_interval is not None and self.ping_interval <= 0:
-            raise ValueError("ping_interval must be positive (or None to disable the heartbeat)")
-        if self.connect_attempts < 1:
-            raise ValueError("connect_attempts must be at least 1")
-        if any(delay < 0 for delay in self.connect_backoff):
-            raise ValueError("connect_backoff delays must not be negative")
-
-    @property
-    def url(self) -> str:
-        """The signaling URL (see :func:`cloud_ws_url`)."""
-        return cloud_ws_url(self.app_id, self.ws_url)
-
-    @property
-    def connect_retry(self) -> Backoff:
-        """``connect_attempts`` and ``connect_backoff`` as the project's one retry type."""
-        return Backoff.table(self.connect_backoff, attempts=self.connect_attempts - 1)
-
-    def backoff_before(self, attempt: int) -> float:
-        """Seconds to wait before connect attempt number ``attempt`` (2, 3, ...)."""
-        return self.connect_retry.delay(attempt - 1)
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class CloudLinkError(Exception):
-    """Root of every error this module raises on purpose."""
-
-
-class CloudConnectError(CloudLinkError):
-    """Establishing the link failed (connect, ``ready``, or ``set_user_id``).
-
-    ``retryable`` says whether another attempt could succeed; ``close_code`` and
-    ``close_reason`` are set when the cloud closed the WebSocket during the attempt.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        retryable: bool,
-        close_code: int | None = None,
-        close_reason: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.close_code = close_code
-        self.close_reason = close_reason
-
-
-class CloudReadyTimeoutError(CloudConnectError):
-    """The cloud accepted the WebSocket but sent no ``ready`` within ``ready_timeout``."""
-
-    def __init__(self, timeout: float) -> None:
-        super().__init__(f"the cloud did not send 'ready' within {timeout:g} s", retryable=True)
-        self.timeout = timeout
-
-
-class CloudAccessDeniedError(CloudConnectError):
-    """The cloud refused this user or key. Never retried: retrying cannot help."""
-
-    def __init__(
-        self, message: str, *, close_code: int | None = None, close_reason: str | None = None
-    ) -> None:
-        super().__init__(message, retryable=False, close_code=close_code, close_reason=close_reason)
-
-
-class CloudLinkClosedError(CloudLinkError):
-    """The link ended; ``code``/``reason`` say why (``code`` is None if it never opened)."""
-
-    def __init__(self, code: int | None, reason: str | None) -> None:
-        shown = f" (code {code})" if code is not None else ""
-        super().__init__(f"cloud link closed{shown}: {reason or 'no reason given'}")
-        self.code = code
-        self.reason = reason
-
-
-class CloudRequestError(CloudLinkError):
-    """The cloud answered a request with an ``error`` message."""
-
-    def __init__(
-        self, request_type: str, message: str, *, code: str | None = None, detail: Any = None
-    ) -> None:
-        text = f"cloud rejected {request_type!r}: {message}"
-        if code:
-            text += f" ({code})"
-        if isinstance(detail, str) and detail and detail != message:
-            text += f": {_clip(detail)}"
-        super().__init__(text)
-        self.request_type = request_type
-        self.message = message
-        self.code = code
-        self.detail = detail
-
-
-class CloudRequestTimeoutError(CloudLinkError):
-    """No reply to a request within its deadline (the link itself may still be up)."""
-
-    def __init__(self, request_type: str, timeout: float) -> None:
-        super().__init__(f"no reply to {request_type!r} from the cloud within {timeout:g} s")
-        self.request_type = request_type
-        self.timeout = timeout
 
 
 # --------------------------------------------------------------------------- the link
@@ -315,7 +159,7 @@ class CloudLink:
         self._config = config
         self._on_stage = on_stage
         self._url = config.url
-        self._safe_url = _safe_url(self._url)
+        self._safe_url = safe_url(self._url)
         self._stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] | None = None
         self._ws: trio_websocket.WebSocketConnection | None = None
         self._pending: dict[str, _PendingRequest] = {}
@@ -496,7 +340,7 @@ class CloudLink:
             except Exception as exc:  # includes the ExceptionGroup from the nursery
                 error = _pick_error(exc)
                 if not self._established and self._failure is None:
-                    self._failure = _as_connect_error(error, self._safe_url)
+                    self._failure = as_connect_error(error, self._safe_url)
                 elif not isinstance(error, CloudLinkError):
                     logger.exception("cloud link failed unexpectedly", exc_info=error)
                     self._record_close(CLOSE_INTERNAL_ERROR, f"internal error: {error!r}")
@@ -624,7 +468,7 @@ class CloudLink:
                     # set_user_id carries no request_id: this answers something else.
                     logger.warning(
                         "ignoring 'error' for request_id %s while waiting for user_id_set",
-                        _clip(repr(message.get("request_id"))),
+                        clip(repr(message.get("request_id"))),
                     )
                 elif msg_type == "error":
                     self._remember_error(message)
@@ -720,7 +564,7 @@ class CloudLink:
                     "ignoring %r for unknown request_id %s (late reply to a request that "
                     "timed out?)",
                     msg_type,
-                    _clip(repr(request_id)),
+                    clip(repr(request_id)),
                 )
             return
         if msg_type == "logs":
@@ -729,7 +573,7 @@ class CloudLink:
             self._remember_error(message)
             logger.warning("cloud reported an error: %s", self._error_reason)
         else:
-            logger.debug("ignoring unsolicited cloud message of type %s", _clip(repr(msg_type)))
+            logger.debug("ignoring unsolicited cloud message of type %s", clip(repr(msg_type)))
 
     async def _heartbeat(self, interval: float) -> None:
         """Ping every ``interval``; a missing pong means the path is dead: close the link."""
@@ -888,10 +732,10 @@ def _parse(raw: str | bytes) -> dict[str, Any] | None:
     try:
         message = json.loads(raw)
     except ValueError:
-        logger.warning("ignoring non-JSON message from the cloud: %s", _clip(repr(raw)))
+        logger.warning("ignoring non-JSON message from the cloud: %s", clip(repr(raw)))
         return None
     if not isinstance(message, dict):
-        logger.warning("ignoring non-object JSON from the cloud: %s", _clip(repr(raw)))
+        logger.warning("ignoring non-object JSON from the cloud: %s", clip(repr(raw)))
         return None
     return message
 
@@ -909,7 +753,7 @@ def _parse_first(raw: str | bytes) -> dict[str, Any]:
         message = None
     if not isinstance(message, dict):
         raise CloudConnectError(
-            f"expected 'ready' from the cloud, got {_clip(repr(raw))}", retryable=False
+            f"expected 'ready' from the cloud, got {clip(repr(raw))}", retryable=False
         )
     return message
 
@@ -924,8 +768,7 @@ def _unexpected_first_message(message: Mapping[str, Any]) -> CloudConnectError:
             f"expected 'ready' from the cloud, got an error: {text}", retryable=True
         )
     return CloudConnectError(
-        f"expected 'ready' from the cloud, got {_clip(repr(msg_type))}: "
-        f"{_clip(json.dumps(message))}",
+        f"expected 'ready' from the cloud, got {clip(repr(msg_type))}: {clip(json.dumps(message))}",
         retryable=False,
     )
 
@@ -950,22 +793,11 @@ def _error_text(message: Mapping[str, Any]) -> str:
     detail = message.get("detail")
     if isinstance(detail, str) and detail and detail not in text:
         text += f": {detail}"
-    return _clip(text)
+    return clip(text)
 
 
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
-
-
-def _safe_url(url: str) -> str:
-    """The URL without user info and query, which may carry credentials."""
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _describe(exc: BaseException) -> str:
@@ -995,22 +827,3 @@ def _pick_error(exc: BaseException) -> BaseException:
             if isinstance(leaf, wanted):
                 return leaf
     return leaves[0] if leaves else exc
-
-
-def _as_connect_error(error: BaseException, url: str) -> CloudConnectError:
-    if isinstance(error, CloudConnectError):
-        return error
-    if isinstance(error, trio_websocket.ConnectionRejected):
-        status = error.status_code
-        if status in (401, 403):
-            return CloudAccessDeniedError(
-                f"the cloud rejected the connection with HTTP {status}: check the api key"
-            )
-        return CloudConnectError(
-            f"the cloud rejected the connection with HTTP {status}",
-            retryable=status >= 500 or status in _RETRYABLE_HTTP_STATUSES,
-        )
-    return CloudConnectError(
-        f"could not connect to {url}: {type(error).__name__}: {_clip(str(error))}",
-        retryable=True,
-    )
