@@ -3,7 +3,8 @@
 This is the only module of the dev cloud that touches aiortc (through :mod:`scope_trio.rtc`):
 creating and closing peer connections, answering offers, adding ICE candidates, receiving and
 sending video, the ``parameters`` data channel and the datagram filter the network faults use.
-The rest of the dev cloud sees a :class:`CloudSession` and plain values.
+The rest of the dev cloud sees a :class:`CloudSession` and plain values. What a frame
+becomes is :mod:`.pipelines`' business; recording is :mod:`.recording`'s.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def open_media_loop() -> AbstractAsyncContextManager[Any]:
 
 
 class CloudSession:
-    """One answered offer: a peer connection echoing video through the current pipeline."""
+    """One answered offer: a peer connection sending the current pipeline's video (its
+    input processed, or frames drawn from the prompt), honouring ``paused`` and
+    ``recording``, and keeping the parameters the offer and the data channel carry."""
 
     def __init__(
         self, cloud: DevCloud, pc: rtc.RTCPeerConnection, initial: Mapping[str, Any]
