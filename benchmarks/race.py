@@ -4,14 +4,21 @@ Each schedule is one ``trio.run`` under a :class:`trio.testing.MockClock` whose 
 only when the schedule says so. ``random.Random(seed)`` draws the supervisor's reconnect
 policy, the fake cloud's close delay and 30-60 operations: start (sometimes with a one-shot
 key), stop, session loss, link loss, resume, parameter updates (replayable or one-shot), the
-outcome of the next connect (ok, slow, slower than the deadline, fail, hang), a caller giving
-up on its start, virtual time passing, and bursts of several operations back to back
-(before the tasks they wake have run). They run against the real
+outcome of the next connect (ok, slow, slower than the deadline, fail, hang, lost in the
+step it connects, an offer built late), a caller giving up on its start, virtual time
+passing, and bursts of several operations back to back (before the tasks they wake have run).
+A stop is sometimes raced by parameter updates while its session closes, or called by a
+caller that is already cancelled. They run against the real
 :class:`~scope_trio.core.supervisor.SessionSupervisor` with the fake cloud of
 :mod:`scope_trio.dev.fakes`. After every operation all tasks settle and the invariants of
 ``tests/test_supervisor_stateful.py`` are checked, plus what every call promises on return
 (a start returns only after a session connected; a superseded start raises
-StartAbortedError; stop and link loss leave no live session).
+StartAbortedError; stop and link loss leave no live session; after stop nothing is set,
+whatever raced it, and a cancelled caller's stop raises its cancellation). Two more are
+checked at every instant: a watcher with a tiny buffer always ends on the latest status,
+and no session begins to close while the status still says connected (a loss is visible
+before the close). tests/bench/test_race_mutants.py proves that each invariant catches the
+bug it is there for.
 
 Reproducible: trio shuffles each batch of runnable tasks, and that shuffle is seeded per
 schedule too, so ``--seed N --schedules 1 --trace`` replays schedule N exactly and prints
@@ -47,6 +54,7 @@ from _common import (
     make_report,
 )
 
+from scope_trio.core.session import Loss, LossKind
 from scope_trio.core.supervisor import (
     DEFAULT_ONE_SHOT_KEYS,
     LOST_PREFIX,
@@ -55,11 +63,12 @@ from scope_trio.core.supervisor import (
     SessionSupervisor,
     StartAbortedError,
     StartFailedError,
+    SupervisorStatus,
 )
-from scope_trio.dev.fakes import OK, FakeCloud, Plan
+from scope_trio.dev.fakes import OK, FakeCloud, FakeSession, Plan
 
 BENCHMARK = "race"
-SCHEDULE_FORMAT = 1
+SCHEDULE_FORMAT = 2
 """Bump whenever the schedule generator changes: older baselines stop being comparable."""
 
 FULL_SCHEDULES = 10_000
@@ -73,7 +82,15 @@ THROUGHPUT_FLOOR = 0.3
 REPLAYABLE_KEYS = ("prompts", "noise_scale", "input_mode")
 ONE_SHOT_KEYS = tuple(sorted(DEFAULT_ONE_SHOT_KEYS))
 UPDATE_KEYS = REPLAYABLE_KEYS + ONE_SHOT_KEYS
-LOSS_REASONS = ("peer connection closed", "ICE consent lost", "no frames for 2 s")
+LOSS_REASONS = (
+    Loss(LossKind.PEER_CONNECTION_CLOSED, "peer connection closed"),
+    Loss(LossKind.PATH_SILENCE, "no packets from the cloud for 1 s"),
+    Loss(LossKind.NO_VIDEO, "no video from the cloud for 2 s"),
+)
+WATCH_BUFFER = 2
+"""The harness's own watcher reads only at checks, so it falls behind on purpose."""
+STOP_VARIANTS = ("plain", "raced by updates", "cancelled caller")
+STOP_WEIGHTS = (6, 2, 2)
 ADVANCES = (0.01, 0.5, 1.0, 2.0, 4.0, 11.0, 30.0, 61.0)
 PLANS: tuple[tuple[str, Plan], ...] = (
     ("ok", OK),
@@ -82,6 +99,8 @@ PLANS: tuple[tuple[str, Plan], ...] = (
     ("fail", Plan(fail="offer refused")),
     ("fail late", Plan(connect_delay=1.0, fail="ICE failed")),
     ("hang", Plan(hang=True)),
+    ("lost as it connects", Plan(lose_at_once=LOSS_REASONS[0])),
+    ("offer built late", Plan(offer_delay=0.5, connect_delay=0.5)),
 )
 POLICIES: tuple[tuple[str, ReconnectPolicy], ...] = (
     ("scope", ReconnectPolicy()),
@@ -187,6 +206,8 @@ class Schedule:
         self.ops: dict[str, Callable[[], Awaitable[str]]]
         self.cloud: FakeCloud
         self.supervisor: SessionSupervisor
+        self.watcher: trio.MemoryReceiveChannel[SupervisorStatus]
+        self.watched: SupervisorStatus
         self.nursery: trio.Nursery
         self.calls: trio.Nursery
 
@@ -232,11 +253,15 @@ class Schedule:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 self.cloud = FakeCloud(close_delay=self.close_delay)
+                self.cloud.on_closing = self._closing
                 self.supervisor = SessionSupervisor(
                     nursery, self.cloud, self.policy, rng=random.Random(self.seed)
                 )
                 try:
-                    await self._play()
+                    async with self.supervisor.watch(WATCH_BUFFER) as self.watcher:
+                        self.watched = self.supervisor.status
+                        await self._play()
+                        self._check_watcher()
                 finally:
                     # Whatever happened (an error of our own included) the run must end:
                     # time has to move for sessions closing under a shield, nothing may wait.
@@ -400,14 +425,26 @@ class Schedule:
 
     async def _stop(self) -> str:
         phase = self.supervisor.status.phase.value
+        variant = self.rng.choices(STOP_VARIANTS, weights=STOP_WEIGHTS)[0]
         self._supersede_pending()
         self.expected = {}
         self.latest_one_shots = {}
         began = trio.current_time()
-        with self._time_moves(), trio.move_on_after(CALL_LIMIT) as limit:
-            await self.supervisor.stop()
+        hung = False
+        if variant == "raced by updates":
+            hung, raced = await self._stop_raced()
+            variant += f" ({raced})"
+        else:
+            with trio.CancelScope() as caller:
+                if variant == "cancelled caller":
+                    caller.cancel()
+                with self._time_moves(), trio.move_on_after(CALL_LIMIT) as limit:
+                    await self.supervisor.stop()
+                hung = limit.cancelled_caught
+            if variant == "cancelled caller" and not caller.cancelled_caught:
+                self._violation("stop-swallowed-cancel", "stop swallowed its caller's cancellation")
         latency = trio.current_time() - began
-        if limit.cancelled_caught:
+        if hung:
             self._violation(
                 "stop-hung", f"stop (called in {phase}) still waiting after {latency:g} s"
             )
@@ -420,8 +457,11 @@ class Schedule:
                 f"stop (called in {phase}) left phase={status.phase.value} "
                 f"error={status.webrtc_error!r} attempt={status.attempt}",
             )
-        if self.supervisor.last_parameters:
-            self._violation("stop-params", "stop kept parameters")
+        if self.supervisor.last_parameters != self.expected:
+            self._violation(
+                "stop-params",
+                f"stop ({variant}) kept parameters {self.supervisor.last_parameters}",
+            )
         if self.cloud.live:
             self._violation("stop-live", f"stop (called in {phase}) returned with a live session")
         if self.nursery.child_tasks:
@@ -430,7 +470,34 @@ class Schedule:
         if self.pending:
             kinds = ", ".join(call.kind for call in self.pending)
             self._violation("stop-pending", f"calls still waiting after stop returned: {kinds}")
-        return f"stop in {phase}: returned after {latency:g} s"
+        return f"stop in {phase} ({variant}): returned after {latency:g} s"
+
+    async def _stop_raced(self) -> tuple[bool, str]:
+        """Stop in a task of its own; updates arrive while its session closes (they must not
+        survive it). Returns (hung, what raced)."""
+        done = trio.Event()
+
+        async def stopper() -> None:
+            await self.supervisor.stop()
+            done.set()
+
+        self.calls.start_soon(stopper)
+        await trio.testing.wait_all_tasks_blocked()  # time stands still: the stop is waiting
+        after = done.is_set()  # nothing to close: the updates come after the stop
+        updates = []
+        for _ in range(self.rng.randint(1, 2)):
+            key = self.rng.choice(UPDATE_KEYS)
+            value = self._unique()
+            if after:
+                if key in DEFAULT_ONE_SHOT_KEYS:
+                    self.latest_one_shots[key] = value
+                else:
+                    self.expected[key] = value
+            self.supervisor.update_parameters({key: value})
+            updates.append(f"{key}={value}")
+        with self._time_moves(), trio.move_on_after(CALL_LIMIT) as limit:
+            await done.wait()
+        return limit.cancelled_caught, ("after: " if after else "during: ") + ", ".join(updates)
 
     async def _link_lost(self) -> str:
         phase = self.supervisor.status.phase
@@ -489,6 +556,31 @@ class Schedule:
         """The invariants of tests/test_supervisor_stateful.py, plus CONNECTING's owner."""
         self._check_status()
         self._check_parameters()
+        self._check_watcher()
+
+    def _check_watcher(self) -> None:
+        """A watcher that fell behind may skip changes, never end on a stale one."""
+        while True:
+            try:
+                self.watched = self.watcher.receive_nowait()
+            except trio.WouldBlock:
+                break
+        status = self.supervisor.status
+        if self.watched.version != status.version:
+            self._violation(
+                "watcher-stale",
+                f"a watcher's latest status is version {self.watched.version} "
+                f"({self.watched.phase.value}), the status is {status.version} "
+                f"({status.phase.value})",
+            )
+
+    def _closing(self, session: FakeSession) -> None:
+        """Called by the fake the instant a session begins to close, in its own task."""
+        if session.connected_once and self.supervisor.status.phase is Phase.CONNECTED:
+            self._violation(
+                "loss-hidden",
+                f"session {session.index} began to close while the status said connected",
+            )
 
     def _check_status(self) -> None:
         supervisor, cloud = self.supervisor, self.cloud

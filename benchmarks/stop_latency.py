@@ -64,6 +64,7 @@ from _common import (
     make_parser,
     make_report,
 )
+from aiortc import RTCPeerConnection
 from av import VideoFrame
 
 from scope_trio import rtc
@@ -194,13 +195,13 @@ async def open_rig() -> AsyncIterator[Rig]:
     try:
         async with rtc.open_loop() as loop, trio.open_nursery() as outer:
             base_url = await outer.start(partial(serve_devcloud, DevCloudConfig()))
-            async with httpx.AsyncClient(base_url=base_url) as http, trio.open_nursery() as nursery:
-                manager = CloudManager(
-                    nursery,
-                    CloudSettings(ws_url=ws_url(base_url)),
-                    policy=POLICY,
-                    link_policy=LINK_POLICY,
-                )
+            async with (
+                httpx.AsyncClient(base_url=base_url) as http,
+                CloudManager.open(
+                    CloudSettings(ws_url=ws_url(base_url)), policy=POLICY, link_policy=LINK_POLICY
+                ) as manager,
+                trio.open_nursery() as nursery,
+            ):
                 video = VideoInput()
 
                 async def produce() -> None:
@@ -292,7 +293,7 @@ def live_peer_connections() -> int:
     return sum(
         1
         for o in gc.get_objects()
-        if isinstance(o, rtc.RTCPeerConnection) and o.connectionState != "closed"
+        if isinstance(o, RTCPeerConnection) and o.connectionState != "closed"
     )
 
 

@@ -58,6 +58,17 @@ def _parser() -> argparse.ArgumentParser:
             "SCOPE_CLOUD_WS_URL, SCOPE_DEBUG_ENDPOINTS; flags win."
         ),
     )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="TOML file with any setting (docs/configuration.md); environment and flags win",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration as TOML (api key redacted) and exit",
+    )
     parser.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8000; 0: any)")
     parser.add_argument("--cloud-app-id", default=None, help="cloud app id (fal app)")
@@ -77,13 +88,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="INFO",
+        default=None,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         type=str.upper,
+        help="default INFO",
     )
     parser.add_argument(
         "--log-json",
         action="store_true",
+        default=None,
         help="log one JSON object per line (time, level, logger, message, connection_id, "
         "session_id, exception) instead of text",
     )
@@ -97,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allow-remote",
         action="store_true",
+        default=None,
         help="allow binding a non-loopback address (the API has no authentication)",
     )
     return parser
@@ -107,34 +121,37 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
     import trio  # noqa: PLC0415 - keeps `scope-trio --help` light
 
     from scope_trio.cloud.manager import CloudSettings  # noqa: PLC0415
+    from scope_trio.config import load_config, to_toml  # noqa: PLC0415
     from scope_trio.ops import logs  # noqa: PLC0415
-    from scope_trio.server import ServerConfig, is_loopback, serve  # noqa: PLC0415
+    from scope_trio.server import is_loopback, serve  # noqa: PLC0415
 
     args = _parser().parse_args(list(argv))
     env = os.environ if environ is None else environ
     try:
-        from_env = CloudSettings.from_env(env)
+        config = load_config(args.config).with_env(env)
         cloud = CloudSettings(
-            app_id=args.cloud_app_id or from_env.app_id,
-            api_key=args.cloud_api_key or from_env.api_key,
-            ws_url=args.cloud_ws_url or from_env.ws_url,
+            app_id=args.cloud_app_id or config.cloud.app_id,
+            api_key=args.cloud_api_key or config.cloud.api_key,
+            ws_url=args.cloud_ws_url or config.cloud.ws_url,
         )
-        config = ServerConfig.from_env(
-            env,
+        config = config.with_overrides(
             host=args.host,
             port=args.port,
+            allow_remote=args.allow_remote,
             cloud=cloud,
             debug_endpoints=args.debug_endpoints,
             cors_origins=tuple(args.cors_origin) or None,
             devcloud_pipeline=args.devcloud_pipeline,
+            log_level=args.log_level,
+            log_json=args.log_json,
         )
-    except ValueError as exc:
+    except ValueError as exc:  # ConfigError, or a CloudSettings value
         print(f"scope-trio serve: bad setting: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if not 0 <= config.port <= 65535:
-        print(f"scope-trio serve: bad port {config.port}", file=sys.stderr)
-        return EXIT_USAGE
-    if not is_loopback(config.host) and not args.allow_remote:
+    if args.print_config:
+        print(to_toml(config), end="")
+        return 0
+    if not is_loopback(config.host) and not config.allow_remote:
         print(
             f"scope-trio serve: refusing to bind {config.host!r}: it is not a loopback address "
             "and the API has no authentication. Pass --allow-remote to do it anyway.",
@@ -144,7 +161,7 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
 
     # Text or JSON; either way the api key is redacted from all of each line (exception
     # text and extra fields included), and every line carries its connection/session ids.
-    logs.configure(args.log_level, json_lines=args.log_json, secrets=[cloud.api_key])
+    logs.configure(config.log_level, json_lines=config.log_json, secrets=[cloud.api_key])
     log = logging.getLogger("scope_trio.cli")
     if not is_loopback(config.host):
         log.warning(

@@ -1,37 +1,40 @@
-"""``serve``: the whole server in one trio task — HTTP API, cloud manager, relay, dev cloud.
+"""``open_server``: the whole server assembled in one place; ``serve`` runs it until told to stop.
 
-Supervision::
+Every test rig and benchmark builds the server through :func:`open_server` too, so they run
+the real wiring and the real shutdown order. The supervision tree is drawn once, in
+``docs/architecture.md``; the nested ``async with`` blocks below are that tree::
 
-    serve()                                   trio-asyncio loop open for the whole run
-    ├── serve_devcloud                        only when no cloud is configured (embedded)
-    └── services nursery
-        ├── CloudManager tasks (link, supervisor)
-        ├── Relay sessions
-        ├── ServerMetrics.run                     counts supervisor events for GET /metrics
-        └── hypercorn.trio.serve(app)         stops on its own trigger, after the rest
+    open_server(config)
+    ├── trio-asyncio loop                     aiortc lives inside it
+    ├── dev cloud                             only when no cloud is configured (embedded)
+    └── CloudManager.open                     link keeper, media supervisor
+        └── Relay.open                        browser sessions
+            └── services                      metrics observer, Hypercorn (the HTTP API)
 
-Shutdown (``shutdown_trigger`` returns, or ``serve`` is cancelled) runs in this order, the
-whole of it bounded by ``ServerConfig.shutdown_timeout``:
+Shutdown (the block ends, or it is cancelled) runs in this order, the whole of it bounded by
+``ServerConfig.shutdown_timeout``:
 
 1. event streams end (:meth:`ScopeApp.begin_shutdown`), so no request keeps Hypercorn busy;
-2. browser sessions close (``relay.close_all``), then the cloud (``manager.disconnect``);
+2. browser sessions close (``relay.close_all``), then the cloud (``manager.disconnect``),
+   while the HTTP server still answers;
 3. Hypercorn stops accepting, drains within ``graceful_timeout`` and runs ``after_serving``;
 4. the embedded dev cloud stops; every remaining task is cancelled.
 
-``serve`` applies :func:`scope_trio.rtc.tune_ice_consent` (ICE consent closes a silent
-cloud path in ~4 s instead of ~31 s, as a backstop to the media session's own ~1 s
-path-silence signal). That changes aioice module constants for the WHOLE PROCESS; the
-previous timing is restored when ``serve`` returns.
+``open_server`` sets aioice's ICE consent timing for the WHOLE PROCESS
+(:func:`scope_trio.rtc.configure_process`, ``[ice]`` in the configuration: a silent cloud
+path closes in ~4 s instead of ~31 s, a backstop to the media session's own ~1 s
+path-silence signal) and restores the previous timing when it returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import hypercorn.trio
 import trio
@@ -39,54 +42,33 @@ from hypercorn.config import Config as HypercornConfig
 
 from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings
-from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.http.app import MIB, BrowserRelay, ScopeApp, create_app
+from scope_trio.config import ServerConfig
+from scope_trio.http.app import BrowserRelay, ScopeApp, create_app
 from scope_trio.ops.metrics import ServerMetrics
 from scope_trio.relay.relay import Relay
 
-__all__ = ["RelayFactory", "ServerConfig", "is_loopback", "serve"]
+__all__ = ["RelayFactory", "RunningServer", "ServerConfig", "is_loopback", "open_server", "serve"]
 
 logger = logging.getLogger(__name__)
 
-RelayFactory = Callable[[CloudManager, trio.Nursery], BrowserRelay]
+RelayFactory = Callable[[CloudManager, ServerConfig], AbstractAsyncContextManager[BrowserRelay]]
+"""Opens the browser relay over the manager for the server's lifetime (tests swap it)."""
+
+DEVCLOUD_STOP_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    """How to run :func:`serve`. ``port=0`` binds an ephemeral port (see the started URL)."""
+class RunningServer:
+    """What :func:`open_server` yields: the bound URL and the parts, for tests and tools."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    cloud: CloudSettings = field(default_factory=CloudSettings)
-    """Where the cloud is; with nothing configured the embedded dev cloud is used."""
-    debug_endpoints: bool = False
-    cors_origins: tuple[str, ...] = ()
-    max_body_bytes: int = MIB
-    graceful_timeout: float = 3.0
-    """Hypercorn's bound on draining open connections at shutdown."""
-    shutdown_timeout: float = 15.0
-    """Bound on the whole shutdown (sessions, cloud, HTTP, dev cloud)."""
-    tune_ice_consent: bool = True
-    devcloud_pipeline: str = "invert"
-    """The embedded dev cloud's pipeline: "invert" shows a first-time user that frames went
-    through it; benchmarks use "passthrough"."""
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str], **overrides: Any) -> ServerConfig:
-        """CONTRACT section 3 variables; ``overrides`` (flags) that are not None win."""
-        values: dict[str, Any] = {
-            "host": environ.get("SCOPE_HOST") or cls.host,
-            "port": int(environ.get("SCOPE_PORT") or cls.port),
-            "cloud": CloudSettings.from_env(environ),
-            "debug_endpoints": bool(environ.get("SCOPE_DEBUG_ENDPOINTS")),
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-    @property
-    def embedded_cloud(self) -> bool:
-        """True when no cloud is configured: :func:`serve` starts the dev cloud in-process."""
-        return not self.cloud.credentials_configured
+    url: str
+    config: ServerConfig
+    manager: CloudManager
+    relay: BrowserRelay
+    app: ScopeApp
+    metrics: ServerMetrics
+    cloud_url: str | None
+    """The embedded dev cloud's base URL, or None when a cloud is configured."""
 
 
 def is_loopback(host: str) -> bool:
@@ -99,28 +81,40 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _default_relay(manager: CloudManager, nursery: trio.Nursery) -> BrowserRelay:
-    return Relay(manager, nursery)
+def _default_relay(
+    manager: CloudManager, config: ServerConfig
+) -> AbstractAsyncContextManager[BrowserRelay]:
+    return Relay.open(manager, fps=config.relay_fps)
 
 
-async def serve(
+@contextlib.asynccontextmanager
+async def open_server(
     config: ServerConfig,
     *,
-    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     relay_factory: RelayFactory = _default_relay,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve until ``shutdown_trigger`` returns (or until cancelled); see the module docstring.
+    sse_keepalive: float | None = None,
+) -> AsyncIterator[RunningServer]:
+    """The whole server, serving for the block (see the module docstring).
 
-    Reports the bound URL (``http://127.0.0.1:8000``) through ``task_status`` once the HTTP
-    server accepts connections. Returns only after everything it started is closed.
+    Yields once the HTTP server accepts connections. When the block ends (or is cancelled)
+    everything is shut down in order within ``config.shutdown_timeout``, and every task
+    it started has ended by the time this returns.
     """
-    previous = rtc.tune_ice_consent() if config.tune_ice_consent else None
+    ice = config.ice
+    consent = rtc.ConsentTiming(ice.interval, ice.failures, ice.rto) if ice.tune else None
+    previous = rtc.configure_process(consent)
     try:
         async with rtc.open_loop(), trio.open_nursery() as root:
             settings, cloud_url = config.cloud, None
             stop_devcloud = trio.Event()
             if config.embedded_cloud:
+                # Imported here: the dev cloud is a development tool, not part of the runtime.
+                from scope_trio.dev.devcloud import (  # noqa: PLC0415
+                    DevCloudConfig,
+                    serve_devcloud,
+                    ws_url,
+                )
+
                 devcloud = DevCloudConfig(pipeline=config.devcloud_pipeline)
                 cloud_url = await root.start(
                     partial(serve_devcloud, devcloud, shutdown_trigger=stop_devcloud.wait)
@@ -128,29 +122,41 @@ async def serve(
                 settings = CloudSettings(ws_url=ws_url(cloud_url))
                 logger.info("no cloud configured: using the embedded dev cloud at %s", cloud_url)
             try:
-                await _serve_api(config, settings, shutdown_trigger, relay_factory, task_status)
+                async with (
+                    CloudManager.open(
+                        settings,
+                        policy=config.reconnect,
+                        link_policy=config.relink,
+                        media_config=config.media,
+                        link_options=config.link,
+                        close_timeout=config.shutdown_timeout,
+                    ) as manager,
+                    relay_factory(manager, config) as relay,
+                    _serve_http(config, manager, relay, sse_keepalive) as (url, app, metrics),
+                ):
+                    yield RunningServer(url, config, manager, relay, app, metrics, cloud_url)
             finally:
                 stop_devcloud.set()
-                root.cancel_scope.deadline = trio.current_time() + 5.0
+                root.cancel_scope.deadline = trio.current_time() + DEVCLOUD_STOP_TIMEOUT
     finally:
         if previous is not None:
             rtc.tune_ice_consent(previous.interval, previous.failures, previous.rto)
 
 
-async def _serve_api(
+@contextlib.asynccontextmanager
+async def _serve_http(
     config: ServerConfig,
-    settings: CloudSettings,
-    shutdown_trigger: Callable[[], Awaitable[object]] | None,
-    relay_factory: RelayFactory,
-    task_status: trio.TaskStatus[str],
-) -> None:
+    manager: CloudManager,
+    relay: BrowserRelay,
+    sse_keepalive: float | None,
+) -> AsyncIterator[tuple[str, ScopeApp, ServerMetrics]]:
+    """Hypercorn and the metrics observer for the block; on exit, steps 1-3 of the shutdown."""
     stop_http = trio.Event()
     http_done = trio.Event()
     async with trio.open_nursery() as services:
-        manager = CloudManager(services, settings)
-        relay = relay_factory(manager, services)
         metrics = ServerMetrics(manager, relay if isinstance(relay, Relay) else None)
         await services.start(metrics.run)  # subscribed before anything can change
+        options = {} if sse_keepalive is None else {"sse_keepalive": sse_keepalive}
         app = create_app(
             manager,
             relay,
@@ -158,6 +164,7 @@ async def _serve_api(
             cors_origins=config.cors_origins,
             max_body_bytes=config.max_body_bytes,
             metrics=metrics,
+            **options,
         )
         hyper = HypercornConfig()
         hyper.bind = [_bind(config.host, config.port)]
@@ -174,19 +181,35 @@ async def _serve_api(
                 http_done.set()
 
         binds: list[str] = await services.start(run_http)
-        task_status.started(binds[0])
         try:
-            if shutdown_trigger is None:
-                await trio.sleep_forever()
-            else:
-                await shutdown_trigger()
-            logger.info("shutting down")
+            yield binds[0], app, metrics
         finally:
             with trio.move_on_after(config.shutdown_timeout, shield=True) as bounded:
                 await _shutdown(app, relay, manager, stop_http, http_done)
             if bounded.cancelled_caught:
                 logger.warning("shutdown overran %g s; cutting it short", config.shutdown_timeout)
             services.cancel_scope.cancel()
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
+    relay_factory: RelayFactory = _default_relay,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``shutdown_trigger`` returns (or until cancelled).
+
+    Reports the bound URL (``http://127.0.0.1:8000``) through ``task_status`` once the HTTP
+    server accepts connections. Returns only after everything it started is closed.
+    """
+    async with open_server(config, relay_factory=relay_factory) as server:
+        task_status.started(server.url)
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        else:
+            await shutdown_trigger()
+        logger.info("shutting down")
 
 
 async def _shutdown(

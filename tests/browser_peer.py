@@ -19,10 +19,12 @@ from typing import Any, NamedTuple
 
 import httpx
 import trio
+from aiortc import RTCDataChannel, RTCPeerConnection
 from av import VideoFrame
 from devcloud_client import luma_halves, rgb_frame
 
 from scope_trio import rtc
+from scope_trio.rtc import raw, tracks
 
 WIDTH, HEIGHT = 128, 96
 FPS = 30.0
@@ -51,9 +53,9 @@ class Seen(NamedTuple):
 class Browser:
     """The browser's side: its peer connection and everything it received."""
 
-    pc: rtc.RTCPeerConnection
-    events: rtc.PeerEvents
-    channel: rtc.RTCDataChannel
+    pc: RTCPeerConnection
+    events: raw.PeerEvents
+    channel: RTCDataChannel
     session_id: str
     deadline: float = 10.0
     """Default bound on :meth:`inverted_frame`."""
@@ -102,8 +104,8 @@ class Browser:
 async def open_browser(send_offer: SendOffer, *, deadline: float = 10.0) -> AsyncIterator[Browser]:
     """A connected :class:`Browser` for the block (peer connection, data channel open, the
     server's track arriving); closed, shielded and bounded, on the way out."""
-    pc = rtc.new_peer_connection([])
-    events = rtc.PeerEvents(pc)
+    pc = raw.new_peer_connection([])
+    events = raw.PeerEvents(pc)
     camera = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
     pc.addTrack(camera)
     channel = pc.createDataChannel("parameters", ordered=True)
@@ -118,23 +120,23 @@ async def open_browser(send_offer: SendOffer, *, deadline: float = 10.0) -> Asyn
                     await trio.sleep(1 / FPS)
 
             nursery.start_soon(produce)
-            offer = await rtc.create_offer(pc)
+            offer = await raw.create_offer(pc)
             with trio.fail_after(deadline):
                 answer = await send_offer(offer.sdp, offer.type)
             assert answer["type"] == "answer"
-            await rtc.apply_answer(pc, answer["sdp"], answer["type"])
+            await raw.apply_answer(pc, answer["sdp"], answer["type"])
             with trio.fail_after(deadline):
                 assert await events.wait_state("connected") == "connected"
                 await opened.wait()
                 track = await events.tracks.receive()
             b = Browser(pc, events, channel, answer["sessionId"], deadline=deadline)
             nursery.start_soon(b.record_states)
-            nursery.start_soon(rtc.receive_video, track, b.on_frame)
+            nursery.start_soon(tracks.receive_video, track, b.on_frame)
             yield b
             nursery.cancel_scope.cancel()
     finally:
         camera.stop()
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
 
 
 def http_browser(

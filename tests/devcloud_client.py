@@ -26,6 +26,7 @@ from av import VideoFrame
 
 from scope_trio import rtc
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud
+from scope_trio.rtc import raw, tracks
 
 
 def rgb_frame(width: int, height: int, left: int, right: int | None = None) -> VideoFrame:
@@ -93,9 +94,9 @@ async def eventually(
 
 async def connect(offerer: RTCPeerConnection, answerer: RTCPeerConnection) -> None:
     """Negotiate ``offerer`` → ``answerer`` in-process (no trickle: aiortc gathers up front)."""
-    offer = await rtc.create_offer(offerer)
-    answer = await rtc.answer_offer(answerer, offer.sdp)
-    await rtc.apply_answer(offerer, answer.sdp)
+    offer = await raw.create_offer(offerer)
+    answer = await raw.answer_offer(answerer, offer.sdp)
+    await raw.apply_answer(offerer, answer.sdp)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ class MediaClient:
     """A browser-like client peer: sends a half-black/half-white pattern, counts frames back."""
 
     pc: RTCPeerConnection
-    events: rtc.PeerEvents
+    events: raw.PeerEvents
     source: rtc.TrioVideoSource
     parameters: RTCDataChannel
     session_id: str = ""
@@ -241,10 +242,10 @@ async def start_media(
     track, in ``direction`` (``recvonly``, or ``sendrecv`` as a browser's default), and
     nothing is fed.
     """
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     client = MediaClient(
         pc=pc,
-        events=rtc.PeerEvents(pc),
+        events=raw.PeerEvents(pc),
         source=rtc.TrioVideoSource(fps=30, idle_timeout=None),
         parameters=pc.createDataChannel("parameters", ordered=True),
     )
@@ -253,20 +254,20 @@ async def start_media(
     else:
         pc.addTransceiver("video", direction=direction)
     try:
-        offer = await rtc.create_offer(pc)
+        offer = await raw.create_offer(pc)
         fields: dict[str, Any] = {"sdp": offer.sdp, "sdp_type": offer.type}
         if initial_parameters is not None:
             fields["initialParameters"] = initial_parameters
         reply = await signaling.request("offer", **fields)
         assert reply["type"] == "answer", reply
         client.session_id = reply["sessionId"]
-        await rtc.apply_answer(pc, reply["sdp"], reply["sdp_type"])
+        await raw.apply_answer(pc, reply["sdp"], reply["sdp_type"])
         await client.events.wait_state("connected")
         track = await client.events.tracks.receive()
     except BaseException:
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
         raise
-    nursery.start_soon(rtc.receive_video, track, client.deliver)
+    nursery.start_soon(tracks.receive_video, track, client.deliver)
     if send_video:
         nursery.start_soon(client.feed)
     return client

@@ -1,8 +1,9 @@
 """The real stack for fault tests: dev cloud ⇄ CloudManager + Relay ⇄ HTTP API ⇄ "browser".
 
-:func:`open_stack` runs, in-process, the pieces ``scope_trio.server.serve`` runs (a
-CloudManager, the real Relay, the real HTTP app on Hypercorn on a real port), but with small
-policies a test passes in, against a dev cloud that is either in-process or a separate
+:func:`open_stack` runs the real server, assembled by ``scope_trio.server.open_server`` as
+``scope-trio serve`` assembles it (CloudManager, the real Relay, the real HTTP app on
+Hypercorn on a real port, the real shutdown order), with small policies a test passes in
+through its ``ServerConfig``, against a dev cloud that is either in-process or a separate
 process (:class:`DevCloudProcess`, killable with SIGKILL). While the block runs it records
 every CloudStatus three ways:
 
@@ -28,25 +29,23 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import h11
 import httpx
-import hypercorn.trio
 import trio
 from browser_peer import Browser, http_browser
 from devcloud_client import eventually, live_peer_connections
-from hypercorn.config import Config as HypercornConfig
 
 from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy
 from scope_trio.cloud.media import MediaConfig
+from scope_trio.config import ServerConfig
 from scope_trio.core.supervisor import LOST_PREFIX, ReconnectPolicy, SupervisorStatus
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.http.app import create_app
 from scope_trio.relay.relay import Relay
+from scope_trio.server import open_server
 
 logger = logging.getLogger(__name__)
 
@@ -373,90 +372,77 @@ async def open_stack(
     URL of one running elsewhere. ICE consent is tuned fast for the block (as ``serve``
     does): the media session's path-silence signal sees a silent path in ~1 s, consent in ~4 s.
     """
-    saved = rtc.tune_ice_consent()
     options = {**FAST_LINK_OPTIONS, **(link_options or {})}
-    try:
-        async with rtc.open_loop(), trio.open_nursery() as outer:
-            if isinstance(devcloud, str):
-                cloud_url, in_process = devcloud, False
-            else:
-                config = devcloud or DevCloudConfig(pipeline="invert")
-                cloud_url, in_process = await outer.start(partial(serve_devcloud, config)), True
-            settings = CloudSettings(ws_url=ws_url(cloud_url), api_key=api_key)
-            async with (
-                httpx.AsyncClient(base_url=cloud_url, timeout=10) as cloud,
-                trio.open_nursery() as nursery,
-            ):
-                manager = CloudManager(
-                    nursery,
-                    settings,
-                    policy=policy,
-                    link_policy=link_policy,
-                    media_config=media,
-                    link_options=options,
-                )
-                relay = Relay(manager, nursery, fps=FPS)
-                app = create_app(manager, relay, debug_endpoints=True)
-                hyper = HypercornConfig()
-                hyper.bind = ["127.0.0.1:0"]
-                hyper.graceful_timeout = 1.0
-                hyper.accesslog = None
-                stop_http, http_done = trio.Event(), trio.Event()
+    async with trio.open_nursery() as outer:
+        # The cloud is outside the server under test, as in production: in-process here
+        # (its own trio-asyncio loop) or a separate process the test may kill.
+        if isinstance(devcloud, str):
+            cloud_url, in_process = devcloud, False
+        else:
+            cloud_config = devcloud or DevCloudConfig(pipeline="invert")
+            cloud_url, in_process = await outer.start(_serve_cloud, cloud_config), True
+        config = ServerConfig(
+            port=0,
+            debug_endpoints=True,
+            graceful_timeout=1.0,
+            relay_fps=FPS,
+            cloud=CloudSettings(ws_url=ws_url(cloud_url), api_key=api_key),
+            reconnect=policy,
+            relink=link_policy,
+            link=options,
+            media=media,
+        )
+        async with (
+            httpx.AsyncClient(base_url=cloud_url, timeout=10) as cloud,
+            open_server(config) as server,
+            trio.open_nursery() as nursery,
+        ):
+            base = httpx.URL(server.url)
+            assert base.host
+            assert base.port
+            assert isinstance(server.relay, Relay)
+            sse = EventRecorder()
+            api = httpx.AsyncClient(base_url=server.url, timeout=DEADLINE)
+            stack = Stack(
+                server.manager, server.relay, api, cloud, sse, in_process_cloud=in_process
+            )
 
-                async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                    try:
-                        await hypercorn.trio.serve(
-                            app, hyper, shutdown_trigger=stop_http.wait, task_status=task_status
-                        )
-                    finally:
-                        http_done.set()
+            async def canary() -> None:
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    stack.owner_alive = False
 
-                binds: list[str] = await nursery.start(run_http)
-                base = httpx.URL(binds[0])
-                assert base.host
-                assert base.port
-                sse = EventRecorder()
-                api = httpx.AsyncClient(base_url=binds[0], timeout=DEADLINE)
-                stack = Stack(manager, relay, api, cloud, sse, in_process_cloud=in_process)
+            nursery.start_soon(canary)
+            nursery.start_soon(_record_snapshots, stack)
+            nursery.start_soon(_record_phases, stack)
+            async with api, trio.open_nursery() as readers:
+                await readers.start(sse.run, base.host, base.port)
+                yield stack
+                readers.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
 
-                async def canary() -> None:
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        stack.owner_alive = False
+        # Nothing leaks, whatever the test did: no peer connection on either side.
+        async with httpx.AsyncClient(base_url=cloud_url, timeout=10) as cloud:
 
-                nursery.start_soon(canary)
-                nursery.start_soon(_record_snapshots, stack)
-                nursery.start_soon(_record_phases, stack)
-                async with api, trio.open_nursery() as readers:
-                    await readers.start(sse.run, base.host, base.port)
-                    try:
-                        yield stack
-                    finally:
-                        with trio.move_on_after(15, shield=True):
-                            await relay.close_all()
-                            await manager.disconnect()
-                            app.begin_shutdown()
-                            stop_http.set()
-                            await http_done.wait()
-                        readers.cancel_scope.cancel()
-                nursery.cancel_scope.cancel()
+            async def all_closed() -> bool:
+                pcs = live_peer_connections()
+                if not in_process:
+                    return pcs == 0
+                state = (await cloud.get("/control/state")).json()
+                return pcs == 0 and state["peer_connections"] == 0
 
-                # Nothing leaks, whatever the test did: no peer connection on either side.
-                async def all_closed() -> bool:
-                    pcs = live_peer_connections()
-                    if not in_process:
-                        return pcs == 0
-                    state = (await cloud.get("/control/state")).json()
-                    return pcs == 0 and state["peer_connections"] == 0
+            await eventually(all_closed)
+        outer.cancel_scope.cancel()
+    # A peer connection abandoned by a close that timed out leaks its sockets: collect
+    # now, so the ResourceWarning fails THIS test rather than whichever runs gc next.
+    gc.collect()
 
-                await eventually(all_closed)
-            outer.cancel_scope.cancel()
-        # A peer connection abandoned by a close that timed out leaks its sockets: collect
-        # now, so the ResourceWarning fails THIS test rather than whichever runs gc next.
-        gc.collect()
-    finally:
-        rtc.tune_ice_consent(saved.interval, saved.failures, saved.rto)
+
+async def _serve_cloud(config: DevCloudConfig, *, task_status: trio.TaskStatus[str]) -> None:
+    """An in-process dev cloud in a trio-asyncio loop of its own (the server opens another)."""
+    async with rtc.open_loop():
+        await serve_devcloud(config, task_status=task_status)
 
 
 def reconnect_stages(snapshots: Iterable[Mapping[str, Any]]) -> list[str]:

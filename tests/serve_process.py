@@ -33,6 +33,7 @@ from browser_peer import Browser, http_browser
 from devcloud_client import eventually
 
 from scope_trio import rtc
+from scope_trio.rtc import raw
 
 URL_LINE = re.compile(r"(?:open|serving on) (http://[^\s;]+)")
 CONNECT_TIMEOUT = 20.0
@@ -146,13 +147,13 @@ async def wait_connected(http: httpx.AsyncClient) -> dict[str, Any]:
 
 async def real_offer() -> tuple[str, str]:
     """A real aiortc offer (video and the ``parameters`` channel) and one candidate line."""
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     try:
         pc.addTrack(rtc.TrioVideoSource(fps=30))
         pc.createDataChannel("parameters", ordered=True)
-        offer = await rtc.create_offer(pc)
+        offer = await raw.create_offer(pc)
     finally:
-        await rtc.close_peer_connection(pc, 5)
+        await raw.close_peer_connection(pc, 5)
     candidates = [line[2:] for line in offer.sdp.split("\r\n") if line.startswith("a=candidate:")]
     assert candidates, offer.sdp
     return offer.sdp, candidates[0]

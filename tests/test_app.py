@@ -124,13 +124,14 @@ async def running(
                 base = await outer.start(partial(serve_devcloud, cloud))
                 settings = CloudSettings(ws_url=ws_url(base), api_key=api_key)
                 cloud_http = httpx.AsyncClient(base_url=base, timeout=10)
-            async with trio.open_nursery() as nursery:
-                manager = CloudManager(
-                    nursery,
+            async with (
+                CloudManager.open(
                     settings,
                     link_policy=LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
-                )
+                ) as manager,
+                trio.open_nursery() as nursery,
+            ):
                 relay = FakeRelay()
                 app = create_app(
                     manager,
@@ -486,7 +487,7 @@ async def test_offer_errors_map_to_the_contract(
 
 
 async def test_a_hung_relay_is_a_504_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("scope_trio.http.app.ROUTE_TIMEOUT", 0.3)
+    monkeypatch.setattr("scope_trio.http.asgi.ROUTE_TIMEOUT", 0.3)
     async with running() as s:
 
         async def hang(*args: Any, **kwargs: Any) -> dict[str, str]:

@@ -80,14 +80,16 @@ async def rig(link_policy: LinkPolicy | None = None) -> AsyncIterator[Rig]:
     try:
         async with rtc.open_loop(), trio.open_nursery() as outer:
             base_url = await outer.start(partial(serve_devcloud, DevCloudConfig()))
-            async with httpx.AsyncClient(base_url=base_url) as http, trio.open_nursery() as nursery:
-                settings = CloudSettings(ws_url=ws_url(base_url))
-                manager = CloudManager(
-                    nursery,
+            settings = CloudSettings(ws_url=ws_url(base_url))
+            async with (
+                httpx.AsyncClient(base_url=base_url) as http,
+                CloudManager.open(
                     settings,
                     link_policy=link_policy or LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
-                )
+                ) as manager,
+                trio.open_nursery() as nursery,
+            ):
                 video = VideoInput()
                 send, receive = trio.open_memory_channel[VideoFrame](math.inf)
 
@@ -132,14 +134,12 @@ async def test_connect_reports_connecting_then_connected() -> None:
 
 
 async def test_connect_without_any_cloud_configured_is_refused() -> None:
-    async with trio.open_nursery() as nursery:
-        manager = CloudManager(nursery, CloudSettings())
+    async with CloudManager.open(CloudSettings()) as manager:
         with pytest.raises(ValueError, match="SCOPE_CLOUD_APP_ID"):
             await manager.connect()
         assert manager.status()["credentials_configured"] is False
         with pytest.raises(NotConnectedError):
             await manager.api("GET", "/api/v1/pipeline/status")
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from devcloud_client import (
 from scope_trio import rtc
 from scope_trio.dev import devcloud
 from scope_trio.dev.devcloud.pipelines import pattern_frame
+from scope_trio.rtc import raw
 
 # Generous: real media on a loaded 2-core machine.
 DEADLINE = 20.0
@@ -341,17 +342,17 @@ async def test_an_offerer_that_never_connects_is_closed_after_the_connect_deadli
     async with running_devcloud(connect_deadline=0.5) as base:
         with trio.fail_after(DEADLINE):
             async with open_signaling(base) as sig:
-                pc = rtc.new_peer_connection([])
+                pc = raw.new_peer_connection([])
                 try:
                     pc.addTrack(rtc.TrioVideoSource(idle_timeout=None))
-                    offer = await rtc.create_offer(pc)
+                    offer = await raw.create_offer(pc)
                     reply = await sig.request("offer", sdp=offer.sdp, sdp_type=offer.type)
                     assert reply["type"] == "answer"  # never applied: ICE never completes
                     assert (await state(base))["peer_connections"] == 1
                     await wait_for_state(base, lambda s: s["peer_connections"] == 0)
                     assert (await sig.request("ping"))["type"] == "pong", "the link is untouched"
                 finally:
-                    await rtc.close_peer_connection(pc)
+                    await raw.close_peer_connection(pc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,7 +394,7 @@ async def test_media_invert_passthrough_and_parameters(url: str) -> None:
                     "noise_scale": 0.5,
                 }
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
         # The client closed: the devcloud notices and forgets the session.
         await wait_for_state(url, lambda s: s["peer_connections"] == 0)
@@ -432,7 +433,7 @@ async def test_trickled_candidates(url: str) -> None:
                 assert reply["type"] == "error"
                 assert "ICE candidate" in reply["error"]
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -486,7 +487,7 @@ async def test_pattern_pipeline_needs_no_input_video(url: str, direction: str) -
                 assert session["frames_in"] == 0, "nothing was sent to the cloud"
                 assert session["frames_processed"] > 0
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -522,7 +523,7 @@ async def test_paused_freezes_the_output_of_a_video_pipeline(url: str) -> None:
                 await straight_frame(client)  # the flipped input, inverted
                 assert (await _session(url))["frames_processed"] > processed
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -553,7 +554,7 @@ async def test_paused_stops_the_pattern_but_not_the_track(url: str) -> None:
                     lambda s: s["sessions"][0]["frames_processed"] > paused["frames_processed"],
                 )
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -598,7 +599,7 @@ async def test_recording_downloads_as_a_real_mp4(url: str) -> None:
                 reply = await _api(sig, "GET", "/api/v1/recordings/nope")
                 assert (reply["status"], reply["error"]) == (404, "Session nope not found")
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -613,7 +614,7 @@ async def test_no_recording_unless_asked(url: str) -> None:
                 assert reply["error"] == f"Recording not available for session {client.session_id}"
                 assert (await _session(url))["frames_recorded"] == 0
             finally:
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
 
 
@@ -630,7 +631,7 @@ async def test_a_recording_too_large_for_one_message_is_refused(aio_loop: object
                     assert reply["status"] == 413
                     assert "limit 100" in reply["error"]
                 finally:
-                    await rtc.close_peer_connection(client.pc)
+                    await raw.close_peer_connection(client.pc)
                     nursery.cancel_scope.cancel()
 
 
@@ -662,7 +663,7 @@ async def test_fault_close_pc(url: str) -> None:
             await wait_for_state(url, lambda s: s["peer_connections"] == 0)
             # The signaling connection survives and can negotiate again.
             assert (await sig.request("ping"))["type"] == "pong"
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -682,7 +683,7 @@ async def test_fault_blackhole_existing_detected_by_consent(url: str, fast_conse
             assert detected < 8  # ~3.7 s with fast consent; loose for a loaded machine
             # No BYE reached the client, yet the devcloud side notices too.
             await wait_for_state(url, lambda s: s["peer_connections"] == 0)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -696,7 +697,7 @@ async def test_fault_short_blackhole_then_media_resumes(url: str) -> None:
             assert client.pc.connectionState == "connected"
             client.drain()
             await straight_frame(client)  # the path is back
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -711,7 +712,7 @@ async def test_fault_blackhole_all_blocks_new_connections(url: str) -> None:
             await fault(url, "clear")
             # start_media closed its peer connection when cancelled; a new one connects.
             client = await _connected(url, sig, nursery)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -726,7 +727,7 @@ async def test_fault_close_ws_code_and_reason(url: str) -> None:
             # The connection's peer connections go with it.
             assert await client.events.wait_state("closed") == "closed"
             await wait_for_state(url, lambda s: s["ws_connections"] == 0)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -741,13 +742,13 @@ async def test_fault_drop_ws_without_close_frame(url: str) -> None:
 
 async def offer_once(sig: Signaling) -> dict[str, Any]:
     """The dev cloud's reply to one real offer; our side is closed again at once."""
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     pc.addTransceiver("video")
     try:
-        offer = await rtc.create_offer(pc)
+        offer = await raw.create_offer(pc)
         return await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
     finally:
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
 
 
 async def test_fault_refuse_offers(url: str) -> None:
@@ -759,7 +760,7 @@ async def test_fault_refuse_offers(url: str) -> None:
             assert reply["request_id"]
             client = await _connected(url, sig, nursery)  # only one was refused
             assert (await state(url))["offers"] == 2
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -767,18 +768,18 @@ async def test_fault_stall_offers(url: str) -> None:
     with trio.fail_after(DEADLINE):
         async with open_signaling(url) as sig, trio.open_nursery() as nursery:
             await fault(url, "stall_offers", count=1)
-            pc = rtc.new_peer_connection([])
+            pc = raw.new_peer_connection([])
             pc.addTransceiver("video")
             try:
-                offer = await rtc.create_offer(pc)
+                offer = await raw.create_offer(pc)
                 with trio.move_on_after(1.5) as stalled:
                     await sig.request("offer", sdp=offer.sdp, sdp_type="offer")
                 assert stalled.cancelled_caught
             finally:
-                await rtc.close_peer_connection(pc)
+                await raw.close_peer_connection(pc)
             assert (await state(url))["offers"] == 1
             client = await _connected(url, sig, nursery)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -793,7 +794,7 @@ async def test_fault_stall_media(url: str) -> None:
             assert (await state(url))["frames_in"] > frames_in  # input still arrives
             client.drain()
             await straight_frame(client)  # output resumes after the stall
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -807,7 +808,7 @@ async def test_fault_clear(url: str) -> None:
             assert faults["refuse_offers"] == 0
             assert faults["stall_media_seconds"] == 0
             client = await _connected(url, sig, nursery)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -941,7 +942,7 @@ async def test_stopping_the_server_closes_peer_connections(aio_loop: object) -> 
                 # Server gone: the client's peer connection closes, signaling ends.
                 assert await client.events.wait_state("closed") == "closed"
                 await close_reason(sig)
-            await rtc.close_peer_connection(client.pc)
+            await raw.close_peer_connection(client.pc)
             nursery.cancel_scope.cancel()
 
 
@@ -976,5 +977,5 @@ async def test_standalone_loop() -> None:
             ):
                 client = await start_media(sig, nursery)
                 await inverted_frame(client)
-                await rtc.close_peer_connection(client.pc)
+                await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()

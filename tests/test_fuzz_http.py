@@ -83,7 +83,8 @@ from serve_process import (
 
 from scope_trio import rtc
 from scope_trio.core.session import MAX_JSON_DEPTH
-from scope_trio.http.app import FAST_REQUESTS, PIPELINE_NOT_LOADED, _Api
+from scope_trio.http.app import FAST_REQUESTS, PIPELINE_NOT_LOADED
+from scope_trio.http.routes.cloud import CloudRoutes
 from scope_trio.server import ServerConfig, serve
 
 pytestmark = pytest.mark.system  # run on the pin-matrix ends only: see noxfile.py
@@ -984,9 +985,9 @@ async def test_a_status_flood_is_served_a_few_requests_at_a_time(
     the rest wait their turn (and all are answered), and other routes do not wait for them."""
     running = peak = 0
     gate, full = trio.Event(), trio.Event()
-    original = _Api.status
+    original = CloudRoutes.status
 
-    async def slow_status(self: _Api) -> Any:
+    async def slow_status(self: CloudRoutes) -> Any:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -998,7 +999,7 @@ async def test_a_status_flood_is_served_a_few_requests_at_a_time(
         finally:
             running -= 1
 
-    monkeypatch.setattr(_Api, "status", slow_status)
+    monkeypatch.setattr(CloudRoutes, "status", slow_status)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
         url = await nursery.start(partial(serve, ServerConfig(port=0), shutdown_trigger=stop.wait))

@@ -28,6 +28,7 @@ from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, No
 from scope_trio.core.session import MAX_JSON_DEPTH
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 from scope_trio.relay.relay import Relay
+from scope_trio.rtc import raw
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +76,19 @@ async def rig(*, connect: bool = True, **relay_options: Any) -> AsyncIterator[Ri
         async with rtc.open_loop(), trio.open_nursery() as outer:
             config = DevCloudConfig(pipeline="invert")
             base_url = await outer.start(partial(serve_devcloud, config))
-            async with httpx.AsyncClient(base_url=base_url) as http, trio.open_nursery() as nursery:
-                manager = CloudManager(
-                    nursery,
+            async with (
+                httpx.AsyncClient(base_url=base_url) as http,
+                CloudManager.open(
                     CloudSettings(ws_url=ws_url(base_url)),
                     link_policy=LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
-                )
-                r = Rig(manager, Relay(manager, nursery, fps=FPS, **relay_options), http)
+                ) as manager,
+                Relay.open(manager, fps=FPS, **relay_options) as relay,
+            ):
+                r = Rig(manager, relay, http)
                 if connect:
                     await r.connect()
-                try:
-                    yield r
-                finally:
-                    await r.relay.close_all()
-                    await manager.disconnect()
-                    nursery.cancel_scope.cancel()
+                yield r
 
                 # Nothing leaks, whatever the test did: no peer connection on either side.
                 async def all_closed() -> bool:
@@ -213,10 +211,10 @@ async def test_cloud_loss_holds_the_last_frame_and_resumes_on_the_same_browser_p
 async def test_bad_requests_are_client_errors_and_leave_nothing_open() -> None:
     async with rig(connect=False) as r:
         baseline = live_peer_connections()
-        offerer = rtc.new_peer_connection([])
+        offerer = raw.new_peer_connection([])
         offerer.addTrack(rtc.TrioVideoSource(idle_timeout=None))
-        offer = await rtc.create_offer(offerer)
-        await rtc.close_peer_connection(offerer)
+        offer = await raw.create_offer(offerer)
+        await raw.close_peer_connection(offerer)
         with pytest.raises(NotConnectedError):
             await r.relay.offer(offer.sdp, "offer")
 
@@ -229,10 +227,10 @@ async def test_bad_requests_are_client_errors_and_leave_nothing_open() -> None:
             await r.relay.offer(offer.sdp, "answer")
         with pytest.raises(ValueError, match="initialParameters"):
             await r.relay.offer(offer.sdp, "offer", {"noise_scale": math.nan})
-        data_only = rtc.new_peer_connection([])
+        data_only = raw.new_peer_connection([])
         data_only.createDataChannel("parameters")
-        data_offer = await rtc.create_offer(data_only)
-        await rtc.close_peer_connection(data_only)
+        data_offer = await raw.create_offer(data_only)
+        await raw.close_peer_connection(data_only)
         with pytest.raises(ValueError, match="no video"):
             await r.relay.offer(data_offer.sdp, "offer")
 
@@ -337,10 +335,10 @@ async def test_a_second_offer_replaces_the_first() -> None:
 
 async def test_a_browser_that_never_connects_is_given_up() -> None:
     async with rig(connect_timeout=1.0) as r:
-        offerer = rtc.new_peer_connection([])
+        offerer = raw.new_peer_connection([])
         offerer.addTrack(rtc.TrioVideoSource(idle_timeout=None))
         try:
-            offer = await rtc.create_offer(offerer)
+            offer = await raw.create_offer(offerer)
             answer = await r.relay.offer(offer.sdp, offer.type, {"a": 1})  # never applied
             sid = answer["sessionId"]
             assert sid in r.relay.sessions()
@@ -352,7 +350,7 @@ async def test_a_browser_that_never_connects_is_given_up() -> None:
             await eventually(given_up)
             assert r.manager.status()["webrtc_connected"] is False
         finally:
-            await rtc.close_peer_connection(offerer)
+            await raw.close_peer_connection(offerer)
 
 
 async def test_a_connected_session_outlives_the_connect_timeout() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
 import gc
@@ -9,17 +10,23 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aioice.ice
 import aioice.stun
 import pytest
 import trio
-from aiortc import MediaStreamTrack, RTCPeerConnection
+from aiortc import MediaStreamTrack, RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.exceptions import InvalidStateError
+from aiortc.mediastreams import MediaStreamError
 from av import VideoFrame
 from devcloud_client import connect, eventually, luma_halves, mean_luma, rgb_frame
 
 from scope_trio import rtc
+from scope_trio.rtc import _aiortc_internals as internals
+from scope_trio.rtc import datagrams, raw, tracks
+from scope_trio.rtc.bridge import aio
 
 # Generous deadlines: these run real media on a loaded 2-core machine.
 CONNECT_DEADLINE = 15.0
@@ -30,10 +37,10 @@ FRAME_DEADLINE = 10.0
 class Pair:
     """An offerer sending a TrioVideoSource to an answerer, connected."""
 
-    offerer: rtc.RTCPeerConnection
-    answerer: rtc.RTCPeerConnection
-    offerer_events: rtc.PeerEvents
-    answerer_events: rtc.PeerEvents
+    offerer: RTCPeerConnection
+    answerer: RTCPeerConnection
+    offerer_events: raw.PeerEvents
+    answerer_events: raw.PeerEvents
     source: rtc.TrioVideoSource
     remote_track: MediaStreamTrack
 
@@ -41,10 +48,10 @@ class Pair:
 @asynccontextmanager
 async def open_pair() -> AsyncIterator[Pair]:
     """Two connected peers on loopback; both closed on exit."""
-    offerer = rtc.new_peer_connection([])
-    answerer = rtc.new_peer_connection([])
-    offerer_events = rtc.PeerEvents(offerer)
-    answerer_events = rtc.PeerEvents(answerer)
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
+    offerer_events = raw.PeerEvents(offerer)
+    answerer_events = raw.PeerEvents(answerer)
     source = rtc.TrioVideoSource(fps=30, width=64, height=64)
     offerer.addTrack(source)
     try:
@@ -55,8 +62,8 @@ async def open_pair() -> AsyncIterator[Pair]:
             remote_track = await answerer_events.tracks.receive()
         yield Pair(offerer, answerer, offerer_events, answerer_events, source, remote_track)
     finally:
-        await rtc.close_peer_connection(offerer)
-        await rtc.close_peer_connection(answerer)
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
 
 
 @pytest.fixture
@@ -76,7 +83,7 @@ async def next_frame_where(
 
 
 async def test_new_peer_connection_converts_ice_servers(aio_loop: object) -> None:
-    pc = rtc.new_peer_connection(
+    pc = raw.new_peer_connection(
         [
             {"urls": "stun:stun.example.org:3478"},
             {"urls": ["turn:turn.example.org"], "username": "u", "credential": "c"},
@@ -91,13 +98,13 @@ async def test_new_peer_connection_converts_ice_servers(aio_loop: object) -> Non
         ]
         assert (servers[1].username, servers[1].credential) == ("u", "c")
     finally:
-        await rtc.close_peer_connection(pc)
-    empty = rtc.new_peer_connection([])
+        await raw.close_peer_connection(pc)
+    empty = raw.new_peer_connection([])
     try:
         config = empty._RTCPeerConnection__configuration  # type: ignore[attr-defined]
         assert config.iceServers == []
     finally:
-        await rtc.close_peer_connection(empty)
+        await raw.close_peer_connection(empty)
 
 
 @pytest.mark.parametrize(
@@ -114,13 +121,13 @@ async def test_new_peer_connection_rejects_garbage(
     aio_loop: object, entry: dict[str, object]
 ) -> None:
     with pytest.raises(ValueError, match="ICE server"):
-        rtc.new_peer_connection([entry])
+        raw.new_peer_connection([entry])
 
 
 async def test_frames_flow_and_black_after_idle(pair: Pair) -> None:
     send, receive = trio.open_memory_channel[VideoFrame](1000)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(rtc.receive_video, pair.remote_track, send.send_nowait)
+        nursery.start_soon(tracks.receive_video, pair.remote_track, send.send_nowait)
 
         # White frames pushed from trio arrive white (lossy: compare with a tolerance).
         async def feed_white() -> None:
@@ -157,13 +164,13 @@ async def test_receive_video_returns_when_remote_closes(pair: Pair) -> None:
         first.set()
 
     async def receive() -> None:
-        counts.append(await rtc.receive_video(pair.remote_track, deliver))
+        counts.append(await tracks.receive_video(pair.remote_track, deliver))
 
     with trio.fail_after(FRAME_DEADLINE):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(receive)
             await first.wait()  # black frames flow without input
-            await rtc.close_peer_connection(pair.offerer)
+            await raw.close_peer_connection(pair.offerer)
         # receive_video returned by itself: the nursery was not cancelled.
         assert counts[0] >= 1
         assert await pair.answerer_events.wait_state("closed") == "closed"
@@ -172,13 +179,13 @@ async def test_receive_video_returns_when_remote_closes(pair: Pair) -> None:
 async def test_request_keyframe(pair: Pair) -> None:
     send, receive = trio.open_memory_channel[VideoFrame](1000)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(rtc.receive_video, pair.remote_track, send.send_nowait)
+        nursery.start_soon(tracks.receive_video, pair.remote_track, send.send_nowait)
         with trio.fail_after(FRAME_DEADLINE):
             await receive.receive()
-        assert await rtc.request_keyframe(pair.answerer, pair.remote_track)
+        assert await tracks.request_keyframe(pair.answerer, pair.remote_track)
         nursery.cancel_scope.cancel()
     # A track this peer connection does not receive has nothing to ask for.
-    assert not await rtc.request_keyframe(pair.answerer, pair.source)
+    assert not await tracks.request_keyframe(pair.answerer, pair.source)
 
 
 async def test_source_paces_with_increasing_pts(aio_loop: object) -> None:
@@ -189,7 +196,7 @@ async def test_source_paces_with_increasing_pts(aio_loop: object) -> None:
         with trio.fail_after(FRAME_DEADLINE):
             for _ in range(11):
                 source.push(rgb_frame(32, 32, 0, 255))
-                frame = await rtc.aio(source.recv)
+                frame = await aio(source.recv)
                 assert frame.time_base == rtc.VIDEO_TIME_BASE
                 assert frame.pts is not None
                 pts.append(frame.pts)
@@ -202,33 +209,33 @@ async def test_source_paces_with_increasing_pts(aio_loop: object) -> None:
         source.push(rgb_frame(32, 32, 0))
         source.push(rgb_frame(32, 32, 255))
         with trio.fail_after(FRAME_DEADLINE):
-            frame = await rtc.aio(source.recv)
+            frame = await aio(source.recv)
         assert mean_luma(frame) > 200
         assert source.frames_pushed == 13
     finally:
         source.stop()
-    with pytest.raises(rtc.MediaStreamError):
-        await rtc.aio(source.recv)
+    with pytest.raises(MediaStreamError):
+        await aio(source.recv)
 
 
 async def test_source_black_frame_without_input(aio_loop: object) -> None:
     source = rtc.TrioVideoSource(fps=30, idle_timeout=0.2)
     try:
         with trio.fail_after(FRAME_DEADLINE):
-            frame = await rtc.aio(source.recv)
+            frame = await aio(source.recv)
             assert (frame.width, frame.height) == (512, 512)
             assert mean_luma(frame) < 20
             # Idle: black frames at the frame rate until a frame is pushed.
             started = time.monotonic()
             for _ in range(3):
-                assert mean_luma(await rtc.aio(source.recv)) < 20
+                assert mean_luma(await aio(source.recv)) < 20
             assert time.monotonic() - started >= 2 / 30 * 0.9
             source.push(rgb_frame(64, 32, 0, 255))
-            left, right = luma_halves(await rtc.aio(source.recv))
+            left, right = luma_halves(await aio(source.recv))
             assert left < 20
             assert right > 235
             # The next black frame has the size of the last pushed one.
-            frame = await rtc.aio(source.recv)
+            frame = await aio(source.recv)
             assert (frame.width, frame.height, mean_luma(frame) < 20) == (64, 32, True)
     finally:
         source.stop()
@@ -242,7 +249,7 @@ async def test_source_delivers_a_frame_pushed_while_waiting(aio_loop: object) ->
             async with trio.open_nursery() as nursery:
 
                 async def receive() -> None:
-                    result.append(await rtc.aio(source.recv))
+                    result.append(await aio(source.recv))
 
                 nursery.start_soon(receive)
                 await trio.sleep(0.1)
@@ -259,17 +266,17 @@ async def test_close_is_idempotent_and_shielded(pair: Pair) -> None:
     with trio.CancelScope() as scope:
         scope.cancel()
         # Already cancelled: the close still runs to completion.
-        assert await rtc.close_peer_connection(pair.offerer)
+        assert await raw.close_peer_connection(pair.offerer)
     assert pair.offerer.connectionState == "closed"
     with trio.fail_after(2):
-        assert await rtc.close_peer_connection(pair.offerer)
+        assert await raw.close_peer_connection(pair.offerer)
     # Concurrent closes of the other peer: one close, every caller sees it complete.
     results: list[bool] = []
     async with trio.open_nursery() as nursery:
         for _ in range(3):
 
             async def close() -> None:
-                results.append(await rtc.close_peer_connection(pair.answerer))
+                results.append(await raw.close_peer_connection(pair.answerer))
 
             nursery.start_soon(close)
     assert results == [True, True, True]
@@ -294,22 +301,22 @@ async def test_close_while_encoding_completes(aio_loop: object) -> None:
             nursery.start_soon(feed)
             await trio.lowlevel.checkpoint()
             with trio.fail_after(4):
-                assert await rtc.close_peer_connection(pair.offerer, timeout=3)
+                assert await raw.close_peer_connection(pair.offerer, timeout=3)
             nursery.cancel_scope.cancel()
 
 
 async def test_close_before_connect(aio_loop: object) -> None:
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     pc.createDataChannel("parameters")
-    await rtc.create_offer(pc)
+    await raw.create_offer(pc)
     with trio.fail_after(10):
-        assert await rtc.close_peer_connection(pc)
+        assert await raw.close_peer_connection(pc)
 
 
 async def test_data_channel_messages_in_order(aio_loop: object) -> None:
-    offerer = rtc.new_peer_connection([])
-    answerer = rtc.new_peer_connection([])
-    answerer_events = rtc.PeerEvents(answerer)
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
+    answerer_events = raw.PeerEvents(answerer)
     channel = offerer.createDataChannel("parameters", ordered=True)
     opened = trio.Event()
     channel.on("open", opened.set)
@@ -323,20 +330,20 @@ async def test_data_channel_messages_in_order(aio_loop: object) -> None:
             received = [await messages.receive() for _ in range(20)]
         assert received == [f'{{"n": {i}}}' for i in range(20)]
         assert remote.label == "parameters"
-        await rtc.close_peer_connection(offerer)
+        await raw.close_peer_connection(offerer)
         with trio.fail_after(CONNECT_DEADLINE):
             async for _ in messages:  # ends when the channel closes
                 pass
     finally:
-        await rtc.close_peer_connection(offerer)
-        await rtc.close_peer_connection(answerer)
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
 
 
 async def test_parse_ice_candidate(aio_loop: object) -> None:
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     pc.createDataChannel("x")
     try:
-        offer = await rtc.create_offer(pc)
+        offer = await raw.create_offer(pc)
         line = next(line for line in offer.sdp.splitlines() if line.startswith("a=candidate:"))
         for text in (line, line[2:], line[len("a=candidate:") :]):
             candidate = rtc.parse_ice_candidate(
@@ -347,7 +354,7 @@ async def test_parse_ice_candidate(aio_loop: object) -> None:
             assert candidate.protocol == "udp"
             assert candidate.port > 0
     finally:
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
     assert rtc.parse_ice_candidate(None) is None
     assert rtc.parse_ice_candidate({"candidate": "", "sdpMid": "0"}) is None
 
@@ -370,15 +377,15 @@ def test_parse_ice_candidate_rejects_garbage(data: object) -> None:
 
 
 async def test_answer_offer_rejects_malformed_sdp(aio_loop: object) -> None:
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     try:
         for sdp in ("", "garbage", "v=0\r\nm=video\r\n"):
             with pytest.raises(ValueError, match="SDP"):
-                await rtc.answer_offer(pc, sdp)
+                await raw.answer_offer(pc, sdp)
         with pytest.raises(ValueError, match="offer"):
-            await rtc.answer_offer(pc, "v=0", "answer")
+            await raw.answer_offer(pc, "v=0", "answer")
     finally:
-        await rtc.close_peer_connection(pc)
+        await raw.close_peer_connection(pc)
 
 
 def test_tune_ice_consent_sets_and_restores() -> None:
@@ -413,7 +420,7 @@ async def test_silent_path_detected_with_fast_consent(aio_loop: object) -> None:
     try:
         async with open_pair() as pair:
             dropping = False
-            assert rtc.install_datagram_filter(pair.answerer, lambda: dropping) >= 1
+            assert datagrams.install_datagram_filter(pair.answerer, lambda: dropping) >= 1
             with trio.move_on_after(CONSENT_HEALTHY_WINDOW):
                 await pair.offerer_events.wait_state("closed")
             assert pair.offerer.connectionState == "connected"
@@ -432,9 +439,9 @@ async def test_watch_inbound_stamps_every_datagram_until_the_path_is_silent(
     """Without any media towards the offerer, consent answers and RTCP still reach it; a
     dropping filter on the other side stops every one of them."""
     async with open_pair() as pair:
-        inbound = rtc.watch_inbound(pair.offerer)
+        inbound = datagrams.watch_inbound(pair.offerer)
         dropping = False
-        assert rtc.install_datagram_filter(pair.answerer, lambda: dropping) >= 1
+        assert datagrams.install_datagram_filter(pair.answerer, lambda: dropping) >= 1
         seen = inbound.count
 
         async def arriving() -> bool:  # another peer's traffic: no event to wait on
@@ -455,20 +462,22 @@ SILENCE_WINDOW = 2.0
 
 async def test_datagram_filter_delay_adds_to_the_round_trip(aio_loop: object) -> None:
     """A delay on one side holds datagrams in both directions: the RTT grows by twice it."""
-    offerer = rtc.new_peer_connection([])
-    answerer = rtc.new_peer_connection([])
-    answerer_events = rtc.PeerEvents(answerer)
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
+    answerer_events = raw.PeerEvents(answerer)
     channel = offerer.createDataChannel("echo", ordered=True)
     opened = trio.Event()
     channel.on("open", opened.set)
-    replies = rtc.open_message_channel(channel)
+    replies = raw.open_message_channel(channel)
     delay = 0.0
     try:
         with trio.fail_after(CONNECT_DEADLINE):
-            offer = await rtc.create_offer(offerer)
-            answer = await rtc.answer_offer(answerer, offer.sdp)
-            assert rtc.install_datagram_filter(answerer, lambda: False, delay=lambda: delay) >= 1
-            await rtc.apply_answer(offerer, answer.sdp)
+            offer = await raw.create_offer(offerer)
+            answer = await raw.answer_offer(answerer, offer.sdp)
+            assert (
+                datagrams.install_datagram_filter(answerer, lambda: False, delay=lambda: delay) >= 1
+            )
+            await raw.apply_answer(offerer, answer.sdp)
             remote, messages = await answerer_events.channels.receive()
             await opened.wait()
 
@@ -492,8 +501,8 @@ async def test_datagram_filter_delay_adds_to_the_round_trip(aio_loop: object) ->
         print(f"round trip {direct * 1000:.1f} ms, with 150 ms each way {delayed * 1000:.1f} ms")
         assert delayed >= 0.3
     finally:
-        await rtc.close_peer_connection(offerer)
-        await rtc.close_peer_connection(answerer)
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
 
 
 async def test_close_during_the_dtls_handshake_leaves_no_unawaited_error(
@@ -511,8 +520,8 @@ async def test_close_during_the_dtls_handshake_leaves_no_unawaited_error(
     for the connect task to be gone).
     """
     assert isinstance(aio_loop, asyncio.AbstractEventLoop)
-    offerer = rtc.new_peer_connection([])
-    answerer = rtc.new_peer_connection([])
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
     unhandled: list[dict[str, object]] = []
     aio_loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
     offerer.addTransceiver("video", direction="recvonly")
@@ -538,14 +547,14 @@ async def test_close_during_the_dtls_handshake_leaves_no_unawaited_error(
     monkeypatch.setattr(aioice.ice.Connection, "close", close_once_the_handshake_ended)
     try:
         with trio.fail_after(CONNECT_DEADLINE):
-            offer = await rtc.create_offer(offerer)
-            answer = await rtc.answer_offer(answerer, offer.sdp)
-            rtc.install_datagram_filter(answerer, lambda: False, delay=lambda: 0.1)
-            await rtc.apply_answer(offerer, answer.sdp)
+            offer = await raw.create_offer(offerer)
+            answer = await raw.answer_offer(answerer, offer.sdp)
+            datagrams.install_datagram_filter(answerer, lambda: False, delay=lambda: 0.1)
+            await raw.apply_answer(offerer, answer.sdp)
             await ice_completed.wait()
         state = offerer.sctp.transport.state
         assert state == "connecting", "the close must land inside the DTLS handshake"
-        assert await rtc.close_peer_connection(offerer)
+        assert await raw.close_peer_connection(offerer)
 
         async def connect_task_ended() -> bool:  # aiortc's task, not ours: no event
             return not _connect_tasks(aio_loop, offerer)
@@ -555,12 +564,12 @@ async def test_close_during_the_dtls_handshake_leaves_no_unawaited_error(
         await trio.lowlevel.checkpoint()
         assert unhandled == []
     finally:
-        await rtc.close_peer_connection(offerer)
-        await rtc.close_peer_connection(answerer)
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
 
 
 def _connect_tasks(
-    loop: asyncio.AbstractEventLoop, pc: rtc.RTCPeerConnection
+    loop: asyncio.AbstractEventLoop, pc: RTCPeerConnection
 ) -> list[asyncio.Task[object]]:
     """aiortc's unawaited connect tasks of ``pc`` that have not ended."""
     tasks = []
@@ -587,14 +596,14 @@ async def test_close_after_an_interrupted_bundling_closes_every_socket(
     Two host addresses are forced, and the cancel is delivered as that close begins.
     """
     monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda *_, **__: ["127.0.0.1"] * 2)
-    offerer = rtc.new_peer_connection([])
-    answerer = rtc.new_peer_connection([])
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
     offerer.addTransceiver("video", direction="recvonly")
     offerer.createDataChannel("parameters")
     try:
         with trio.fail_after(CONNECT_DEADLINE):
-            offer = await rtc.create_offer(offerer)
-            answer = await rtc.answer_offer(answerer, offer.sdp)
+            offer = await raw.create_offer(offerer)
+            answer = await raw.answer_offer(answerer, offer.sdp)
         assert offerer.sctp is not None
         discarded = offerer.sctp.transport.transport.iceGatherer._connection
         sockets = list(discarded._protocols)
@@ -608,15 +617,15 @@ async def test_close_after_an_interrupted_bundling_closes_every_socket(
                 await connection_close(connection)
 
             monkeypatch.setattr(aioice.ice.Connection, "close", cancelled_as_it_closes)
-            await rtc.apply_answer(offerer, answer.sdp)
+            await raw.apply_answer(offerer, answer.sdp)
         monkeypatch.undo()
         assert scope.cancelled_caught
         assert offerer.sctp.transport.transport.iceGatherer._connection is not discarded
-        assert await rtc.close_peer_connection(offerer)
+        assert await raw.close_peer_connection(offerer)
         assert [p for p in sockets if not p.transport.is_closing()] == []
     finally:
-        await rtc.close_peer_connection(offerer)
-        await rtc.close_peer_connection(answerer)
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
 
 
 async def test_close_after_an_interrupted_gathering_closes_every_socket(
@@ -634,7 +643,7 @@ async def test_close_after_an_interrupted_gathering_closes_every_socket(
     )
     bound: list[aioice.ice.StunProtocol] = []
     connection_made = aioice.ice.StunProtocol.connection_made
-    pc = rtc.new_peer_connection([])
+    pc = raw.new_peer_connection([])
     pc.createDataChannel("parameters")
     with trio.CancelScope() as scope:
 
@@ -645,23 +654,77 @@ async def test_close_after_an_interrupted_gathering_closes_every_socket(
                 scope.cancel()
 
         monkeypatch.setattr(aioice.ice.StunProtocol, "connection_made", cancel_on_the_second)
-        await rtc.create_offer(pc)
+        await raw.create_offer(pc)
     monkeypatch.undo()
     assert scope.cancelled_caught
     assert len(bound) == 2
-    assert await rtc.close_peer_connection(pc)
+    assert await raw.close_peer_connection(pc)
     assert [p for p in bound if not p.transport.is_closing()] == []
 
 
 async def test_peer_events_wait_state_raises_on_close(pair: Pair) -> None:
-    await rtc.close_peer_connection(pair.answerer)
+    await raw.close_peer_connection(pair.answerer)
     with trio.fail_after(CONNECT_DEADLINE), pytest.raises(ConnectionError, match="closed"):
         await pair.offerer_events.wait_state("never")
 
 
 def test_public_types_are_real() -> None:
     assert issubclass(rtc.TrioVideoSource, MediaStreamTrack)
-    assert RTCPeerConnection is rtc.RTCPeerConnection
+    # The package's API is trio-facing: nothing in __all__ is an aiortc/aioice object.
+    for name in rtc.__all__:
+        module = str(getattr(getattr(rtc, name), "__module__", ""))
+        assert not module.startswith(("aiortc", "aioice")), f"rtc.{name} comes from {module}"
+
+
+BOUNDARY_EXEMPT: set[str] = set()
+"""Production modules allowed past the boundary: none."""
+ASYNCIO_SIDE = ("aiortc", "aioice", "trio_asyncio")
+
+
+def _boundary_problems(path: Path) -> list[str]:
+    """What in ``path`` reaches past ``scope_trio.rtc``'s public API."""
+    public = set(rtc.__all__)
+    problems = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        modules: list[str] = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules = [node.module]
+            if node.module == "scope_trio.rtc":
+                names = {alias.name for alias in node.names}
+                problems += [f"imports rtc.{name}" for name in sorted(names - public)]
+        for module in modules:
+            if module.split(".")[0] in ASYNCIO_SIDE or module.startswith("scope_trio.rtc."):
+                problems.append(f"imports {module}")
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "rtc"
+            and node.attr not in public
+        ):
+            problems.append(f"uses rtc.{node.attr} (line {node.lineno})")
+    return problems
+
+
+def test_the_asyncio_boundary_is_hard(tmp_path: Path) -> None:
+    """Outside ``scope_trio/rtc/`` no production module imports aiortc, aioice or
+    trio-asyncio, or uses anything of ``rtc`` but its trio-facing API."""
+    package = Path(rtc.__file__).parent.parent
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if relative.startswith("rtc/") or relative in BOUNDARY_EXEMPT:
+            continue
+        problems = _boundary_problems(path)
+        if problems:
+            found[relative] = problems
+    assert found == {}
+    # The check itself can fail: the old media session drove aiortc objects directly.
+    old_media = "from aiortc import RTCPeerConnection\nfrom scope_trio import rtc\nrtc.aio\n"
+    probe = tmp_path / "old_media.py"
+    probe.write_text(old_media, encoding="utf-8")
+    assert _boundary_problems(probe) == ["imports aiortc", "uses rtc.aio (line 3)"]
 
 
 async def test_an_unawaited_aiortc_error_is_logged_not_fatal(
@@ -674,14 +737,14 @@ async def test_an_unawaited_aiortc_error_is_logged_not_fatal(
     async with rtc.open_loop():
 
         async def fail() -> None:
-            raise rtc.InvalidStateError("RTCIceTransport is closed")
+            raise InvalidStateError("RTCIceTransport is closed")
 
         async def fire_and_forget() -> None:
             asyncio.ensure_future(fail())  # noqa: RUF006 - exactly what aiortc does
             await asyncio.sleep(0.01)
 
         with caplog.at_level("WARNING", logger="scope_trio.rtc"):
-            await rtc.aio(fire_and_forget)
+            await aio(fire_and_forget)
             gc.collect()  # "Task exception was never retrieved" is reported on collection
             await trio.sleep(0.05)
         assert any(
@@ -689,3 +752,180 @@ async def test_an_unawaited_aiortc_error_is_logged_not_fatal(
             or (r.exc_info and "RTCIceTransport" in str(r.exc_info[1]))
             for r in caplog.records
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The private aiortc/aioice reach-ins: verify()
+
+
+def test_verify_passes_on_the_installed_versions() -> None:
+    """Every reliance holds for the pinned aiortc/aioice of this Python (1.15/0.10 on 3.10,
+    1.16/0.13 on 3.11+): the server would refuse to start otherwise."""
+    internals.verify()
+    assert len(internals.RELIANCES) >= 8
+
+
+def _verify_problems() -> str:
+    with pytest.raises(internals.AiortcInternalsChanged) as caught:
+        internals.verify()
+    return str(caught.value)
+
+
+def test_verify_names_a_missing_private_method(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(RTCPeerConnection, "_RTCPeerConnection__connect")
+    message = _verify_problems()
+    assert "RTCPeerConnection has no attribute '_RTCPeerConnection__connect'" in message
+    assert "aiortc " in message  # the installed version is named
+    assert message.count("\n- ") == 1, "only what changed is reported"
+
+
+def test_verify_names_a_changed_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def send_rtcp_pli(self: object, ssrc: int, count: int) -> None: ...
+
+    monkeypatch.setattr(RTCRtpReceiver, "_send_rtcp_pli", send_rtcp_pli)
+    message = _verify_problems()
+    assert "RTCRtpReceiver._send_rtcp_pli signature changed" in message
+    assert "expected (self, media_ssrc), found (self, ssrc, count)" in message
+
+
+def test_verify_names_an_instance_attribute_no_longer_assigned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Attributes set in ``__init__`` are checked in its source: a renamed one is named."""
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        self._connection_protocols = []  # type: ignore[attr-defined]  # renamed
+
+    monkeypatch.setattr(aioice.ice.Connection, "__init__", init)
+    monkeypatch.delattr(aioice.ice, "CONSENT_FAILURES")
+    message = _verify_problems()
+    assert "Connection.__init__ no longer contains 'self._protocols'" in message
+    assert "Connection.__init__ no longer contains 'self._query_consent_task'" in message
+    assert "aioice.ice has no attribute 'CONSENT_FAILURES'" in message
+
+
+async def test_a_reach_in_fails_loudly_instead_of_doing_nothing(
+    aio_loop: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No silent no-op: a reach-in whose private part is gone raises, naming it."""
+    assert isinstance(aio_loop, asyncio.AbstractEventLoop)
+    pc = raw.new_peer_connection([])
+    try:
+        with monkeypatch.context() as patch:
+            patch.delattr(RTCPeerConnection, "_RTCPeerConnection__connect")
+            with pytest.raises(internals.AiortcInternalsChanged, match="__connect"):
+                internals.cancel_connect_tasks(pc, aio_loop)
+    finally:
+        assert await raw.close_peer_connection(pc)
+
+
+async def test_no_loop_hosts_peer_connections_when_internals_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every loop runs the check once per process: an embedding that never calls
+    configure_process still cannot create a peer connection without the fixes."""
+    monkeypatch.delattr(RTCPeerConnection, "_RTCPeerConnection__connect")
+    internals.verify_once.cache_clear()
+    try:
+        with pytest.raises(internals.AiortcInternalsChanged, match="__connect"):
+            async with rtc.open_loop():
+                pass  # pragma: no cover - the loop refuses before the body runs
+    finally:
+        internals.verify_once.cache_clear()
+
+
+def test_configure_process_verifies_then_applies_consent(monkeypatch: pytest.MonkeyPatch) -> None:
+    original = rtc.get_ice_consent()
+    try:
+        assert rtc.configure_process() == original
+        assert rtc.get_ice_consent() == rtc.FAST_CONSENT
+        assert rtc.configure_process(None) == rtc.FAST_CONSENT  # None: leave it
+        assert rtc.get_ice_consent() == rtc.FAST_CONSENT
+        rtc.configure_process(original)
+        assert rtc.get_ice_consent() == original
+        monkeypatch.setattr(RTCRtpSender, "__init__", lambda self: None)
+        with pytest.raises(rtc.AiortcInternalsChanged, match="__rtp_task"):
+            rtc.configure_process()
+        assert rtc.get_ice_consent() == original, "nothing applied when verify fails"
+    finally:
+        rtc.tune_ice_consent(**dataclasses.asdict(original))
+
+
+# --------------------------------------------------------------------------------------------
+# The trio-facing PeerConnection
+
+
+async def test_peer_connection_end_to_end(aio_loop: object) -> None:
+    """Offer/answer, video both ways, a data channel both ways, states, keyframe request,
+    track replacement and a shielded close-once, all without touching an aiortc object."""
+    offerer = rtc.PeerConnection()
+    answerer = rtc.PeerConnection()
+    camera = rtc.TrioVideoSource(fps=30, width=64, height=64)
+    reply = rtc.TrioVideoSource(fps=30, width=64, height=64)
+    offerer.add_track(camera)
+    channel = offerer.open_data_channel("parameters")
+    try:
+        with trio.fail_after(CONNECT_DEADLINE):
+            offer = await offerer.create_offer()
+            assert offer.type == "offer"
+            assert offerer.local_description == offer
+            answer = await answerer.answer(offer.sdp, send_tracks=[reply])
+            assert answerer.sends(reply)
+            assert answerer.remote_description == offer
+            await offerer.apply_answer(answer.sdp, answer.type)
+            assert await offerer.wait_state("connected") == "connected"
+            assert await answerer.wait_state("connected") == "connected"
+            remote_channel = await answerer.channels.receive()
+            remote_camera = await answerer.tracks.receive()
+            remote_reply = await offerer.tracks.receive()
+            await channel.wait_open()
+        assert (remote_channel.label, remote_camera.kind, remote_reply.kind) == (
+            "parameters",
+            "video",
+            "video",
+        )
+        channel.send('{"n": 1}')
+        with trio.fail_after(FRAME_DEADLINE):
+            assert await remote_channel.messages.receive() == '{"n": 1}'
+        remote_channel.send("back")
+        with trio.fail_after(FRAME_DEADLINE):
+            assert await channel.messages.receive() == "back"
+
+        frames = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remote_camera.receive_video, lambda _frame: frames.set())
+            with trio.fail_after(FRAME_DEADLINE):
+                await frames.wait()
+            assert await remote_camera.request_keyframe()
+            other = rtc.TrioVideoSource(fps=30, width=32, height=32)
+            offerer.replace_track(camera, other)  # no renegotiation
+            with pytest.raises(KeyError):
+                offerer.replace_track(camera, other)
+            nursery.cancel_scope.cancel()
+
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            assert await offerer.close()  # shielded: completes although cancelled
+        assert offerer.closed_by_us
+        assert offerer.state == "closed"
+        with pytest.raises(rtc.ChannelClosedError):
+            channel.send("late")
+        with trio.fail_after(CONNECT_DEADLINE):  # the answerer sees the loss as a state
+            assert await answerer.wait_state("closed") == "closed"
+        assert not answerer.closed_by_us
+        with pytest.raises(ConnectionError, match="closed"):
+            await answerer.wait_state("connected")
+    finally:
+        assert await offerer.close()  # once: a second close only waits for the first
+        assert await answerer.close()
+
+
+async def test_peer_connection_refuses_bad_input(aio_loop: object) -> None:
+    with pytest.raises(ValueError, match="ICE server"):
+        rtc.PeerConnection([{"urls": 3}])
+    async with rtc.PeerConnection() as pc:
+        with pytest.raises(ValueError, match="SDP"):
+            await pc.answer("garbage")
+        with pytest.raises(rtc.InvalidCandidateError):
+            rtc.parse_ice_candidate({"candidate": "candidate:garbage", "sdpMid": "0"})
+    assert pc.state == "closed"

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -102,8 +103,9 @@ async def test_shutdown_closes_sessions_and_cloud_before_the_server() -> None:
     log: list[str] = []
     config = ServerConfig(port=0)
 
-    def factory(manager: CloudManager, nursery: trio.Nursery) -> RecordingRelay:
-        return RecordingRelay(manager, url, log)
+    @asynccontextmanager
+    async def factory(manager: CloudManager, config: ServerConfig) -> AsyncIterator[RecordingRelay]:
+        yield RecordingRelay(manager, url, log)
 
     async with trio.open_nursery() as nursery:
         url.append(

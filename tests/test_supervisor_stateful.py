@@ -27,8 +27,9 @@ from scope_trio.core.supervisor import (
     Phase,
     SessionSupervisor,
     SupervisorError,
+    SupervisorStatus,
 )
-from scope_trio.dev.fakes import OK, FakeCloud, Plan
+from scope_trio.dev.fakes import OK, FakeCloud, FakeSession, Plan
 
 T = TypeVar("T")
 
@@ -36,7 +37,15 @@ REPLAYABLE_KEYS = ("prompts", "noise_scale", "input_mode")
 ONE_SHOT_KEYS = tuple(sorted(DEFAULT_ONE_SHOT_KEYS))
 
 plans = st.sampled_from(
-    [OK, Plan(connect_delay=0.5), Plan(fail="offer refused"), Plan(hang=True), Plan(fail="ice")]
+    [
+        OK,
+        Plan(connect_delay=0.5),
+        Plan(fail="offer refused"),
+        Plan(hang=True),
+        Plan(fail="ice"),
+        Plan(lose_at_once="peer connection closed"),
+        Plan(offer_delay=0.5, connect_delay=0.5),
+    ]
 )
 
 
@@ -63,12 +72,29 @@ class TrioWorker:
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 self.cloud = FakeCloud(close_delay=self.close_delay)
+                self.cloud.on_closing = self._closing
+                self.hidden_losses: list[int] = []
                 self.supervisor = SessionSupervisor(nursery, self.cloud)
-                self._ready.set()
-                await self.finish.wait()
+                async with self.supervisor.watch(2) as self.watcher:
+                    self.watched = self.supervisor.status
+                    self._ready.set()
+                    await self.finish.wait()
                 self.clock.autojump_threshold = 0
                 await self.supervisor.stop()
             background.cancel_scope.cancel()
+
+    def _closing(self, session: FakeSession) -> None:
+        """The instant a session begins to close, the status must not say connected."""
+        if session.connected_once and self.supervisor.status.phase is Phase.CONNECTED:
+            self.hidden_losses.append(session.index)
+
+    def latest_watched(self) -> SupervisorStatus:
+        """Drain the watcher (it reads only here, so it falls behind on purpose)."""
+        while True:
+            try:
+                self.watched = self.watcher.receive_nowait()
+            except trio.WouldBlock:
+                return self.watched
 
     def call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` inside the trio run, then let every task settle."""
@@ -154,6 +180,41 @@ class SupervisorMachine(RuleBasedStateMachine):
 
         self.w.call(stop)
 
+    @rule(keys=st.lists(st.sampled_from(REPLAYABLE_KEYS + ONE_SHOT_KEYS), min_size=1, max_size=2))
+    def stop_raced_by_updates(self, keys: list[str]) -> None:
+        """Updates arrive while the stop's session closes: none survives the stop."""
+        self.expected = {}
+        self.latest_one_shots = {}
+
+        async def stop() -> None:
+            done = trio.Event()
+
+            async def stopper() -> None:
+                await self.w.supervisor.stop()
+                done.set()
+
+            self.w.background.start_soon(stopper)
+            await trio.testing.wait_all_tasks_blocked()
+            after = done.is_set()  # nothing to close: these updates come after the stop
+            for key in keys:
+                value = self._unique()
+                if after:
+                    if key in DEFAULT_ONE_SHOT_KEYS:
+                        self.latest_one_shots[key] = value
+                    else:
+                        self.expected[key] = value
+                self.w.supervisor.update_parameters({key: value})
+            self.w.clock.autojump_threshold = 0
+            try:
+                await done.wait()
+            finally:
+                self.w.clock.autojump_threshold = math.inf
+            assert self.w.supervisor.last_parameters == self.expected
+            assert self.w.supervisor.status.phase is Phase.IDLE
+            assert self.w.cloud.live == 0
+
+        self.w.call(stop)
+
     @rule(reason=st.sampled_from(["peer connection closed", "ICE consent lost"]))
     def lose(self, reason: str) -> None:
         async def lose() -> None:
@@ -215,6 +276,8 @@ class SupervisorMachine(RuleBasedStateMachine):
         async def check() -> None:
             supervisor, cloud = self.w.supervisor, self.w.cloud
             status = supervisor.status
+            assert not self.w.hidden_losses, "a session began to close while 'connected'"
+            assert self.w.latest_watched() == status, "a watcher ended on a stale status"
             assert cloud.max_live <= 1, "two live sessions"
             assert 0 <= status.attempt <= supervisor.policy.max_attempts
             assert (status.phase is Phase.CONNECTED) == (cloud.connected is not None)

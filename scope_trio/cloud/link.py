@@ -40,6 +40,7 @@ from typing import Any
 import trio
 import trio_websocket
 
+from scope_trio.core.retry import Backoff
 from scope_trio.ops import logs
 
 __all__ = [
@@ -165,11 +166,14 @@ class LinkConfig:
         """The signaling URL (see :func:`cloud_ws_url`)."""
         return cloud_ws_url(self.app_id, self.ws_url)
 
+    @property
+    def connect_retry(self) -> Backoff:
+        """``connect_attempts`` and ``connect_backoff`` as the project's one retry type."""
+        return Backoff.table(self.connect_backoff, attempts=self.connect_attempts - 1)
+
     def backoff_before(self, attempt: int) -> float:
         """Seconds to wait before connect attempt number ``attempt`` (2, 3, ...)."""
-        if attempt <= 1 or not self.connect_backoff:
-            return 0.0
-        return self.connect_backoff[min(attempt - 2, len(self.connect_backoff) - 1)]
+        return self.connect_retry.delay(attempt - 1)
 
 
 # --------------------------------------------------------------------------- errors

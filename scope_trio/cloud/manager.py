@@ -6,7 +6,7 @@ Imports flow one way: the HTTP layer → :class:`CloudManager` → :class:`Sessi
 
 Supervision::
 
-    owner's nursery
+    CloudManager.open()'s nursery
     ├── CloudManager._maintain_link        cancel scope: cancelled by disconnect()/connect()
     │   └── connect_cloud_link (block)      receive loop + heartbeat in the link's nursery
     │       └── after a re-link: replay the last pipeline load, then resume the media session
@@ -26,10 +26,9 @@ import contextlib
 import functools
 import logging
 import os
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 from av import VideoFrame
@@ -42,7 +41,9 @@ from scope_trio.cloud.link import (
     connect_cloud_link,
 )
 from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
-from scope_trio.core.session import MediaSession, SessionClosedError
+from scope_trio.cloud.status import CloudStats, CloudStatus
+from scope_trio.core.retry import Backoff, RestartTracker, RestartWindow
+from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import ReconnectPolicy, SessionSupervisor, SupervisorError
 from scope_trio.ops import logs
 
@@ -92,6 +93,15 @@ class LinkPolicy:
     delay: float = 1.0
     """Pause before the first connect of a re-link."""
 
+    @property
+    def backoff(self) -> Backoff:
+        """The pause before each re-link, as the project's one retry type."""
+        return Backoff.constant(self.delay, attempts=self.max_relinks)
+
+    @property
+    def intensity(self) -> RestartWindow:
+        return RestartWindow(self.max_relinks, self.window)
+
 
 @dataclass(frozen=True)
 class LinkState:
@@ -118,11 +128,10 @@ class _NoLinkSession:
 
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         await trio.lowlevel.checkpoint()
         raise NotConnectedError("the cloud link is down")
 
@@ -133,9 +142,43 @@ class _NoLinkSession:
 class CloudManager:
     """Owns the cloud link and the media supervisor, and derives CloudStatus from both.
 
-    Construct it with a nursery that outlives it (the server's). Call from trio tasks of
-    that run only.
+    Open it with ``async with CloudManager.open(settings) as manager``: :meth:`open` owns the
+    nursery every task of the manager runs in (the link keeper, the media supervisor's runs,
+    the status forwarder) and, on leaving the block, disconnects (shielded, bounded) and
+    cancels whatever is left. Call from trio tasks of that run only.
     """
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        settings: CloudSettings | None = None,
+        *,
+        policy: ReconnectPolicy | None = None,
+        link_policy: LinkPolicy | None = None,
+        media_config: MediaConfig | None = None,
+        link_options: Mapping[str, Any] | None = None,
+        close_timeout: float = 15.0,
+    ) -> AsyncIterator[CloudManager]:
+        """The manager for the block; when the block ends, so has every task it started."""
+        async with trio.open_nursery() as nursery:
+            manager = cls(
+                nursery,
+                settings,
+                policy=policy,
+                link_policy=link_policy,
+                media_config=media_config,
+                link_options=link_options,
+            )
+            await nursery.start(manager._forward_media_changes)  # before anything can change
+            try:
+                yield manager
+            finally:
+                with trio.move_on_after(close_timeout, shield=True) as bounded:
+                    await manager.disconnect()
+                if bounded.cancelled_caught:
+                    logger.warning("disconnect overran %g s; cancelling it", close_timeout)
+                nursery.cancel_scope.cancel()
 
     def __init__(
         self,
@@ -167,7 +210,6 @@ class CloudManager:
         self._version = 0
         self._changed = trio.Event()
         self._lock = trio.Lock()  # serialises connect/disconnect
-        nursery.start_soon(self._forward_media_changes)
 
     # ------------------------------------------------------------------ status
 
@@ -204,39 +246,43 @@ class CloudManager:
         return self._state
 
     def status(self) -> dict[str, Any]:
-        """CloudStatus (CONTRACT section 1), from the two snapshots that own the state."""
-        link, media = self._state, self.supervisor.status
-        return {
-            "connected": link.connected,
-            "connecting": link.connecting,
-            "error": link.error or media.webrtc_error,
-            "connect_stage": link.connect_stage,
-            "webrtc_connected": media.webrtc_connected,
-            "webrtc_error": media.webrtc_error,
-            "webrtc_reconnecting": media.webrtc_reconnecting,
-            "app_id": link.app_id if link.connected else None,
-            "connection_id": link.connection_id if link.connected else None,
-            "credentials_configured": self.settings.credentials_configured,
-            "last_close_code": link.last_close_code,
-            "last_close_reason": link.last_close_reason,
-            "stats": self._stats() if link.connected else None,
-        }
+        """CloudStatus as a JSON object (see :class:`~scope_trio.cloud.status.CloudStatus`)."""
+        return self.cloud_status().as_dict()
 
-    def _stats(self) -> dict[str, Any] | None:
+    def cloud_status(self) -> CloudStatus:
+        """CloudStatus, from the two snapshots that own the state."""
+        link, media = self._state, self.supervisor.status
+        return CloudStatus(
+            connected=link.connected,
+            connecting=link.connecting,
+            error=link.error or media.webrtc_error,
+            connect_stage=link.connect_stage,
+            webrtc_connected=media.webrtc_connected,
+            webrtc_error=media.webrtc_error,
+            webrtc_reconnecting=media.webrtc_reconnecting,
+            app_id=link.app_id if link.connected else None,
+            connection_id=link.connection_id if link.connected else None,
+            credentials_configured=self.settings.credentials_configured,
+            last_close_code=link.last_close_code,
+            last_close_reason=link.last_close_reason,
+            stats=self._stats() if link.connected else None,
+        )
+
+    def _stats(self) -> CloudStats | None:
         cloud = self._link
         if cloud is None:
             return None
         sent, ok = cloud.stats.sent, cloud.stats.successful
-        return {
-            "uptime_seconds": round(cloud.uptime, 3),
-            "webrtc_offers_sent": self.media_stats.offers_sent,
-            "webrtc_offers_successful": self.media_stats.offers_successful,
-            "webrtc_ice_candidates_sent": sent["icecandidate"],
-            "api_requests_sent": sent["api"],
-            "api_requests_successful": ok["api"],
-            "frames_sent_to_cloud": self.media_stats.frames_sent_to_cloud,
-            "frames_received_from_cloud": self.media_stats.frames_received_from_cloud,
-        }
+        return CloudStats(
+            uptime_seconds=round(cloud.uptime, 3),
+            webrtc_offers_sent=self.media_stats.offers_sent,
+            webrtc_offers_successful=self.media_stats.offers_successful,
+            webrtc_ice_candidates_sent=sent["icecandidate"],
+            api_requests_sent=sent["api"],
+            api_requests_successful=ok["api"],
+            frames_sent_to_cloud=self.media_stats.frames_sent_to_cloud,
+            frames_received_from_cloud=self.media_stats.frames_received_from_cloud,
+        )
 
     def _set(self, **changes: Any) -> None:
         self._state = replace(self._state, **changes)
@@ -247,8 +293,11 @@ class CloudManager:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def _forward_media_changes(self) -> None:
+    async def _forward_media_changes(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         async with self.supervisor.watch() as changes:
+            task_status.started()
             async for _ in changes:
                 self._touch()
 
@@ -312,7 +361,7 @@ class CloudManager:
     async def _maintain_link(
         self, config: LinkConfig, scope: trio.CancelScope, done: trio.Event
     ) -> None:
-        relinks: deque[float] = deque()
+        relinks = self.link_policy.intensity.tracker()
         established = False
         try:
             with scope:
@@ -326,7 +375,7 @@ class CloudManager:
                     if not await self._link_ended(scope, link, relinks):
                         return
                     logs.bind_connection(None)  # the next link gets its own id
-                    await trio.sleep(self.link_policy.delay)
+                    await trio.sleep(self.link_policy.backoff.delay(1))
         finally:
             if self._link_scope is scope:
                 self._link = None
@@ -372,7 +421,7 @@ class CloudManager:
         self._set(connected=False, connecting=False, connect_stage=None, error=message)
 
     async def _link_ended(
-        self, scope: trio.CancelScope, link: CloudLink, relinks: deque[float]
+        self, scope: trio.CancelScope, link: CloudLink, relinks: RestartTracker
     ) -> bool:
         """Record an unasked-for end of the link; return whether to re-establish it.
 
@@ -384,18 +433,16 @@ class CloudManager:
         code, reason = link.close_code, link.close_reason or "closed"
         logger.warning("cloud link ended: code %s, %s", code, reason)
         now = trio.current_time()
-        while relinks and now - relinks[0] > self.link_policy.window:
-            relinks.popleft()
         error: str | None = None
         if link.error_code in FINAL_ERROR_CODES or code == CLOSE_ACCESS_DENIED:
             error = f"Cloud connection closed: {reason}"
-        elif len(relinks) >= self.link_policy.max_relinks:
+        elif relinks.exhausted(now):
             error = (
                 f"Cloud connection lost ({reason}); gave up after "
                 f"{self.link_policy.max_relinks} reconnects within {self.link_policy.window:g} s"
             )
         else:
-            relinks.append(now)
+            relinks.record(now)
         self._link = None
         self._set(
             connected=False,
@@ -491,11 +538,20 @@ class CloudManager:
     def update_parameters(self, update: Mapping[str, Any]) -> None:
         self.supervisor.update_parameters(update)
 
-    async def api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """Proxy one HTTP-style request to the cloud; returns ``(status, data)``.
+    async def api(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the link's deadline per request
+    ) -> ApiReply:
+        """Send one ``api`` request to the cloud; returns its status and the whole reply.
 
+        ``status`` is the reply's HTTP status (200 when it has none; None when it is not a
+        valid one). What the reply becomes for an HTTP client is the HTTP layer's business.
         Raises :class:`NotConnectedError` without a link and :class:`CloudLinkError` when
-        the request itself fails.
+        the request itself fails (link lost, no reply within ``timeout``).
         """
         link = self._link
         if link is None:
@@ -503,13 +559,19 @@ class CloudManager:
         fields: dict[str, Any] = {"method": method, "path": path}
         if body is not None:
             fields["body"] = body
-        reply = await link.request("api", fields)
-        status = reply.get("status", 200)
-        if isinstance(status, bool) or not isinstance(status, int) or not 100 <= status <= 599:
-            shown = repr(status)[:80]
-            logger.warning("the cloud answered %s %s with no valid status: %s", method, path, shown)
-            return 502, {"detail": f"Cloud request failed: the reply has no valid status: {shown}"}
-        data = reply.get("data") if "data" in reply else reply.get("error")
-        if method.upper() == "POST" and path == PIPELINE_LOAD_PATH and status < 400:
+        reply = await link.request("api", fields, timeout=timeout)
+        raw = reply.get("status", 200)
+        valid = not isinstance(raw, bool) and isinstance(raw, int) and 100 <= raw <= 599
+        status = raw if valid else None
+        if method.upper() == "POST" and path == PIPELINE_LOAD_PATH and status and status < 400:
             self._last_load = body if isinstance(body, dict) else None
-        return status, data
+        return ApiReply(status, reply)
+
+
+class ApiReply(NamedTuple):
+    """The cloud's answer to one ``api`` request."""
+
+    status: int | None
+    """The HTTP status it carries (200 when absent), None when it carries no valid one."""
+    reply: dict[str, Any]
+    """The whole ``api_response`` message (``data``, ``error``, binary fields, ...)."""

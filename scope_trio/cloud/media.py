@@ -14,8 +14,8 @@ reconnect supervisor drives it exactly as it drives the fake. Per session:
 Loss signals, each ending the session once with a reason: no datagram at all from the cloud
 for ``path_silence_timeout`` seconds (a dead path, seen in ~1.05 s whatever the round trip),
 the peer connection going ``closed``/``failed`` without us closing it (aiortc reports a lost
-path as ``closed``; with :func:`scope_trio.rtc.tune_ice_consent` ICE consent does so for a
-silent path in ~4 s), the inbound track ending, or no inbound frame for ``stall_timeout``
+path as ``closed``; with the server's consent timing, :func:`scope_trio.rtc.configure_process`,
+ICE consent does so for a silent path in ~4 s), the inbound track ending, or no inbound frame for ``stall_timeout``
 seconds. The peer connection is closed exactly once, shielded and under its own deadline, on
 every way out.
 
@@ -35,7 +35,7 @@ import trio
 from av import VideoFrame
 
 from scope_trio import rtc
-from scope_trio.core.session import SessionClosedError
+from scope_trio.core.session import Loss, LossKind, SessionAttempt, SessionClosedError
 from scope_trio.ops import logs
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,8 @@ class CloudMediaSession:
         self._config = config or MediaConfig()
         self.stats = stats or MediaStats()
         self._user_id = user_id
-        self._channel: rtc.RTCDataChannel | None = None
-        self._pc: rtc.RTCPeerConnection | None = None
+        self._channel: rtc.DataChannel | None = None
+        self._pc: rtc.PeerConnection | None = None
         self._inbound: rtc.InboundDatagrams | None = None
         self._pc_close_requested = trio.Event()
         self._simulated = False
@@ -172,61 +172,56 @@ class CloudMediaSession:
 
     def send_parameters(self, update: Mapping[str, Any]) -> None:
         channel = self._channel
-        if not self._open or channel is None or channel.readyState != "open":
+        if not self._open or channel is None or not channel.is_open:
             raise SessionClosedError("the cloud media session is not connected")
         try:
             channel.send(json.dumps(dict(update)))
-        except rtc.InvalidStateError as exc:  # closing under us, between check and send
+        except rtc.ChannelClosedError as exc:  # closing under us, between check and send
             raise SessionClosedError("the parameters channel closed") from exc
 
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
+    ) -> Loss:
         ice = await self._signaling.request("get_ice_servers", timeout=self._config.request_timeout)
-        pc = rtc.new_peer_connection(_ice_servers(ice))
+        pc = rtc.PeerConnection(_ice_servers(ice), close_timeout=self._config.close_timeout)
         source = rtc.TrioVideoSource(
             fps=self._config.fps, idle_timeout=self._config.idle_black_after
         )
         self.stats.live_sources.add(source)
         try:
-            return await self._run_with(pc, source, params, on_lost, task_status)
+            return await self._run_with(pc, source, attempt, task_status)
         finally:
             self._open = False
             self._input._detach(source)
             source.stop()
             self.stats.live_sources.discard(source)
             self.stats.frames_sent_by_closed_sessions += source.frames_sent
-            await rtc.close_peer_connection(pc, self._config.close_timeout)
+            await pc.close()
             if self.session_id is not None:
                 self.stats.sessions[self.session_id] = "closed"
 
     async def _run_with(
         self,
-        pc: rtc.RTCPeerConnection,
+        pc: rtc.PeerConnection,
         source: rtc.TrioVideoSource,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         task_status: trio.TaskStatus[None],
-    ) -> str:
-        events = rtc.PeerEvents(pc)
+    ) -> Loss:
         self._pc = pc
-        pc.addTrack(source)
-        channel = pc.createDataChannel(PARAMETERS_CHANNEL, ordered=True)
+        pc.add_track(source)
+        channel = pc.open_data_channel(PARAMETERS_CHANNEL, ordered=True)
         self._channel = channel
-        opened = trio.Event()
-        channel.on("open", opened.set)  # a sync trio call: legal inside the loop task
         self._input._attach(source)
 
-        offer = await rtc.create_offer(pc)
-        self._inbound = rtc.watch_inbound(pc)  # the ICE sockets exist once the offer is made
+        offer = await pc.create_offer()
+        self._inbound = pc.watch_inbound()  # the ICE sockets exist once the offer is made
         fields: dict[str, Any] = {
             "sdp": offer.sdp,
             "sdp_type": offer.type,
-            "initialParameters": dict(params),
+            "initialParameters": attempt.parameters(),  # as they are now, not at creation
         }
         if self._user_id is not None:
             fields["user_id"] = self._user_id
@@ -240,42 +235,41 @@ class CloudMediaSession:
         self.session_id = session_id
         logs.bind_session(session_id)  # this task and its loss watchers log for this session
         self.stats.offers_successful += 1
-        await rtc.apply_answer(pc, sdp, str(answer.get("sdp_type", "answer")))
-        await events.wait_state("connected")
-        await opened.wait()
-        track = await events.tracks.receive()
+        await pc.apply_answer(sdp, str(answer.get("sdp_type", "answer")))
+        await pc.wait_state("connected")
+        await channel.wait_open()
+        track = await pc.tracks.receive()
         self._open = True
         self.stats.sessions[session_id] = "connected"
         logger.info("cloud media session %s connected", session_id)
         task_status.started()
 
-        return await self._serve(pc, events, track, on_lost, source)
+        return await self._serve(pc, track, attempt.lost, source)
 
     async def _serve(
         self,
-        pc: rtc.RTCPeerConnection,
-        events: rtc.PeerEvents,
-        track: rtc.MediaStreamTrack,
-        on_lost: Callable[[str], None],
+        pc: rtc.PeerConnection,
+        track: rtc.RemoteTrack,
+        on_lost: Callable[[Loss], None],
         source: rtc.TrioVideoSource,
-    ) -> str:
-        """Run the loss watchers until the first fires; report it at once, return its reason."""
+    ) -> Loss:
+        """Run the loss watchers until the first fires; report it at once, return it."""
         async with trio.open_nursery() as nursery:
 
-            def lost(reason: str) -> None:
+            def lost(loss: Loss) -> None:
                 self._open = False  # updates from now on are kept for the next session
-                logger.warning("cloud media session %s lost: %s", self.session_id, reason)
-                on_lost(reason)
+                logger.warning("cloud media session %s lost: %s", self.session_id, loss)
+                on_lost(loss)
                 nursery.cancel_scope.cancel()
 
-            watch = _LossWatch(self, pc, events, track, source=source, on_lost=lost)
+            watch = _LossWatch(self, pc, track, source=source, on_lost=lost)
             nursery.start_soon(watch.connection_state)
             nursery.start_soon(watch.inbound_frames)
             nursery.start_soon(watch.stall)
             nursery.start_soon(watch.path_silence)
             nursery.start_soon(watch.keyframe_requests)
             nursery.start_soon(watch.close_on_request)
-        return watch.reason or "session ended"
+        return watch.loss or Loss(LossKind.OTHER, "session ended")
 
 
 class _LossWatch:
@@ -285,28 +279,34 @@ class _LossWatch:
     def __init__(
         self,
         session: CloudMediaSession,
-        pc: rtc.RTCPeerConnection,
-        events: rtc.PeerEvents,
-        track: rtc.MediaStreamTrack,
+        pc: rtc.PeerConnection,
+        track: rtc.RemoteTrack,
         *,
         source: rtc.TrioVideoSource,
-        on_lost: Callable[[str], None],
+        on_lost: Callable[[Loss], None],
     ) -> None:
         self.session = session
         self.source = source
         self.config = session._config
         self.pc = pc
-        self.events = events
         self.track = track
         self._on_lost = on_lost
-        self.reason: str | None = None
+        self.loss: Loss | None = None
         self.first_frame = trio.Event()
         self.last_frame_at = trio.current_time()
 
-    def lost(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            self._on_lost(reason)
+    def lost(self, kind: LossKind, detail: str) -> None:
+        if self.loss is None:
+            self.loss = Loss(kind, detail)
+            self._on_lost(self.loss)
+
+    def peer_connection_lost(self, state: str) -> None:
+        kind = (
+            LossKind.PEER_CONNECTION_FAILED
+            if state == "failed"
+            else LossKind.PEER_CONNECTION_CLOSED
+        )
+        self.lost(kind, f"peer connection {state}")
 
     def _deliver(self, frame: VideoFrame) -> None:
         self.session.stats.frames_received_from_cloud += 1
@@ -317,19 +317,19 @@ class _LossWatch:
 
     async def connection_state(self) -> None:
         """``closed``/``failed`` that we did not cause (aiortc has no ``disconnected``)."""
-        async for state in self.events.states:
+        async for state in self.pc.states:
             if state in ("closed", "failed"):
-                self.lost(f"peer connection {state}")
+                self.peer_connection_lost(state)
                 return
 
     async def inbound_frames(self) -> None:
         """Hand frames on; the inbound track ending is a loss."""
-        await rtc.receive_video(self.track, self._deliver)
-        state = self.pc.connectionState
+        await self.track.receive_video(self._deliver)
+        state = self.pc.state
         if state in ("closed", "failed"):
-            self.lost(f"peer connection {state}")
+            self.peer_connection_lost(state)
         else:
-            self.lost("cloud video track ended")
+            self.lost(LossKind.TRACK_ENDED, "cloud video track ended")
 
     async def stall(self) -> None:
         """No first frame within ``first_frame_timeout``, or none for ``stall_timeout``."""
@@ -337,12 +337,15 @@ class _LossWatch:
         with trio.move_on_after(config.first_frame_timeout):
             await self.first_frame.wait()
         if not self.first_frame.is_set():
-            self.lost(f"no video from the cloud within {config.first_frame_timeout:g} s")
+            detail = f"no video from the cloud within {config.first_frame_timeout:g} s"
+            self.lost(LossKind.NO_VIDEO, detail)
             return
         while True:
             idle = trio.current_time() - self.last_frame_at
             if idle >= config.stall_timeout:
-                self.lost(f"no video from the cloud for {config.stall_timeout:g} s")
+                self.lost(
+                    LossKind.NO_VIDEO, f"no video from the cloud for {config.stall_timeout:g} s"
+                )
                 return
             await trio.sleep(config.stall_timeout - idle)
 
@@ -367,13 +370,14 @@ class _LossWatch:
             seen = inbound.count
             await trio.sleep(SILENCE_CONFIRM)
             if inbound.count == seen:
-                self.lost(f"no packets from the cloud for {timeout:g} s (the path went silent)")
+                detail = f"no packets from the cloud for {timeout:g} s (the path went silent)"
+                self.lost(LossKind.PATH_SILENCE, detail)
                 return
 
     async def keyframe_requests(self) -> None:
         """PLI until a frame decodes: the sender's SSRC is known only once RTP arrives."""
         while not self.first_frame.is_set():
-            await rtc.request_keyframe(self.pc, self.track)
+            await self.track.request_keyframe()
             with trio.move_on_after(0.25):
                 await self.first_frame.wait()
 
@@ -381,9 +385,9 @@ class _LossWatch:
         """:meth:`CloudMediaSession.simulate_loss`: close as a dead path would."""
         await self.session._pc_close_requested.wait()
         # End our outgoing track first, as every close does: the sender then finishes on its
-        # own instead of being cancelled mid-frame (cancels there can get lost, see rtc.py).
+        # own instead of being cancelled mid-frame (cancels there can get lost, see rtc/).
         self.source.stop()
-        await rtc.close_peer_connection(self.pc, self.config.close_timeout)
+        await self.pc.close()
 
 
 def _ice_servers(reply: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -4,53 +4,113 @@ Supervision tree (who owns what)::
 
     caller's nursery                      (the server's, or a test's)
     └── SessionSupervisor._supervise      one "run" per start(): its own cancel scope
-        └── per-attempt nursery           exactly one session at a time
+        └── per-attempt nursery           exactly one session at a time (one _Attempt)
             └── MediaSession.run          connect → started() → run until lost
 
-Guarantees, each pinned by a test:
+Guarantees, each pinned by a test (tests/test_supervisor*.py) and checked in every random
+interleaving by benchmarks/race.py:
 
 * ``start`` returns once a session is connected, or raises :class:`StartFailedError`
   (and ``webrtc_error`` says why). A later ``start``, ``stop`` or link loss supersedes an
   earlier one at once: the superseded call raises :class:`StartAbortedError`.
-* A lost session is reported the instant it is seen, then rebuilt with backoff from a
+* A loss is reported the instant the session reports it, even in the same step as its
+  connect, before any close begins; then the session is rebuilt with backoff from a
   :class:`ReconnectPolicy`. Attempts are counted per outage; the budget refills only after
   a session stayed up for ``stable_period``; restarts are also capped per time window.
 * A session is completely closed before the next one starts; there is never more than one.
-* ``stop`` cancels everything, returns only once the session is closed, clears every field,
-  and re-raises its caller's own cancellation after finishing.
-* The supervisor keeps its own deep copy of the parameters. Updates made while no session
-  is connected are applied to the next one; one-shot keys are delivered once, never replayed.
-* The status is one immutable :class:`SupervisorStatus`, replaced whole on every change.
+* ``stop`` cancels everything, clears every field (whatever arrives while it runs), and
+  returns once the session is closed, or, if it does not close within twice
+  ``close_timeout``, once it is *abandoned*: a named outcome, logged, counted in
+  ``sessions_abandoned`` and published as an :class:`~scope_trio.core.events.Abandoned`
+  event, while the abandoned run goes on closing in the supervisor's nursery and is reaped
+  (logged) within :data:`REAP_FACTOR` ``close_timeout`` more. ``stop`` re-raises its
+  caller's own cancellation after finishing.
+* The supervisor keeps its own deep copy of the parameters. A session takes its initial
+  parameters when it builds its offer; later updates are sent after it connects; one-shot
+  keys are delivered once, never replayed.
+* Decisions read only private control state; the status is one immutable
+  :class:`SupervisorStatus` derived from it and replaced whole on every change, so what
+  clients see can never change what the supervisor does. ``watch`` always ends on the
+  latest status; subscribers get typed events (:mod:`scope_trio.core.events`).
+* An unexpected exception in a session is a loss (or a failed attempt); one in the
+  supervisor's own run is a final ``webrtc_error`` "internal error: ..." with everything
+  closed. Neither reaches the nursery the runs live in. Cancellation and
+  ``KeyboardInterrupt`` propagate.
 
 Every piece of state is owned here and changed only by this module. Tasks of a superseded run
 may still be winding down; they hold a stale ``_Run`` and every write they attempt is dropped.
+What clients see (:class:`Phase`, :class:`SupervisorStatus`, the ``webrtc_error`` texts) lives
+in :mod:`scope_trio.core.status`, the policy (:class:`ReconnectPolicy`) in
+:mod:`scope_trio.core.retry`; both are re-exported here. This module stays over 500 lines
+because what is left is one concern, the state machine, whose guarantees interlock (the
+attempt object, tickets, retire/abandon, recovery) and are easier to check side by side.
 """
 
 from __future__ import annotations
 
 import copy
-import enum
 import json
 import logging
-import math
 import random
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import trio
 
+from scope_trio.core.events import (
+    Abandoned,
+    AttemptEnded,
+    AttemptStarted,
+    GaveUp,
+    GiveUpReason,
+    Lost,
+    Outcome,
+    Recovered,
+    StartFailed,
+    Subscriber,
+    SupervisorEvent,
+)
+from scope_trio.core.retry import ReconnectPolicy
 from scope_trio.core.session import (
     JsonTooDeepError,
+    Loss,
+    LossKind,
     MediaSession,
     Parameters,
     SessionClosedError,
     SessionFactory,
     nested_deeper_than,
 )
+from scope_trio.core.status import (
+    LOST_PREFIX,
+    Phase,
+    SupervisorStatus,
+    budget_spent_message,
+    intensity_message,
+    lost_message,
+    start_failed_message,
+)
+
+__all__ = [
+    "DEFAULT_ONE_SHOT_KEYS",
+    "LOST_PREFIX",
+    "REAP_FACTOR",
+    "Phase",
+    "ReconnectPolicy",
+    "SessionSupervisor",
+    "StartAbortedError",
+    "StartFailedError",
+    "SupervisorError",
+    "SupervisorStatus",
+    "budget_spent_message",
+    "intensity_message",
+    "internal_error_message",
+    "lost_message",
+    "start_failed_message",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,33 +118,13 @@ DEFAULT_ONE_SHOT_KEYS: frozenset[str] = frozenset(
     {"reset_cache", "transition", "first_frame_image"}
 )
 
-LOST_PREFIX = "Remote inference connection lost"
+REAP_FACTOR = 10
+"""An abandoned run is watched this many ``close_timeout`` more; a leak is logged after."""
 
 
-def lost_message(reason: str) -> str:
-    """``webrtc_error`` while recovering from a loss (CONTRACT: CloudStatus)."""
-    return f"{LOST_PREFIX}: {reason}"
-
-
-def budget_spent_message(attempts: int) -> str:
-    """``webrtc_error`` once the attempt budget is spent (CONTRACT: CloudStatus, verbatim)."""
-    return (
-        f"{LOST_PREFIX}. Reconnection failed after {attempts} attempts. "
-        "Please toggle cloud mode off and on to reconnect."
-    )
-
-
-def intensity_message(restarts: int, window: float) -> str:
-    """``webrtc_error`` once too many restarts happened within the intensity window."""
-    return (
-        f"{LOST_PREFIX}. Reconnection stopped after {restarts} restarts within "
-        f"{window:g} s. Please toggle cloud mode off and on to reconnect."
-    )
-
-
-def start_failed_message(reason: str) -> str:
-    """``webrtc_error`` when the very first connect fails (Scope left it empty)."""
-    return f"Remote inference connection failed: {reason}"
+def internal_error_message(exc: BaseException) -> str:
+    """Final ``webrtc_error`` when the supervisor's own run raised (a bug, contained)."""
+    return f"internal error: {_describe(exc)}"
 
 
 class SupervisorError(Exception):
@@ -103,117 +143,17 @@ class StartAbortedError(SupervisorError):
     """A later ``start``, ``stop`` or link loss superseded this ``start`` before it connected."""
 
 
-@dataclass(frozen=True)
-class ReconnectPolicy:
-    """How a lost session is rebuilt. Defaults are Scope's: 1 s, 2 s, 4 s; 3 attempts.
-
-    The delay before attempt ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
-    optionally spread by ``jitter`` (a fraction: 0.1 means ±10 %).
-    """
-
-    max_attempts: int = 3
-    base_delay: float = 1.0
-    max_delay: float = 30.0
-    jitter: float = 0.0
-    attempt_timeout: float = 10.0
-    """Deadline over one whole connect (signaling, ICE, DTLS, first readiness)."""
-    stable_period: float = 10.0
-    """A reconnected session must stay up this long before the attempt budget refills."""
-    max_restarts: int = 6
-    restart_window: float = 60.0
-    """Restart intensity (as in Erlang/OTP): at most ``max_restarts`` attempts in this window."""
-    close_timeout: float = 5.0
-    """How long a superseded run may take to close its session before we stop waiting."""
-
-    def __post_init__(self) -> None:
-        positive = {
-            "base_delay": self.base_delay,
-            "max_delay": self.max_delay,
-            "attempt_timeout": self.attempt_timeout,
-            "restart_window": self.restart_window,
-            "close_timeout": self.close_timeout,
-        }
-        for name, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"ReconnectPolicy.{name} must be a positive number, got {value!r}")
-        if not (math.isfinite(self.stable_period) and self.stable_period >= 0):
-            raise ValueError(
-                f"ReconnectPolicy.stable_period must be >= 0, got {self.stable_period!r}"
-            )
-        if self.max_attempts < 0:
-            raise ValueError(
-                f"ReconnectPolicy.max_attempts must be >= 0, got {self.max_attempts!r}"
-            )
-        if self.max_restarts < 1:
-            raise ValueError(
-                f"ReconnectPolicy.max_restarts must be >= 1, got {self.max_restarts!r}"
-            )
-        if not 0 <= self.jitter < 1:
-            raise ValueError(f"ReconnectPolicy.jitter must be in [0, 1), got {self.jitter!r}")
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """Seconds to wait before reconnect attempt ``attempt`` (1-based)."""
-        delay = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
-        if self.jitter and rng is not None:
-            delay *= 1 + rng.uniform(-self.jitter, self.jitter)
-        return delay
-
-
-class Phase(enum.Enum):
-    """Where the supervisor is. Every public flag is derived from this, never stored."""
-
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    """A ``start`` (or ``resume``) is making its first connect."""
-    CONNECTED = "connected"
-    BACKOFF = "backoff"
-    """A session was lost; waiting before the next attempt."""
-    RECONNECTING = "reconnecting"
-    """A reconnect attempt is under way."""
-    FAILED = "failed"
-    """The first connect failed, or the reconnect budget is spent. Only ``start`` leaves it."""
-    LINK_DOWN = "link_down"
-    """The signaling link is gone; the parameters are kept for :meth:`SessionSupervisor.resume`."""
-
-
-@dataclass(frozen=True)
-class SupervisorStatus:
-    """One immutable snapshot of the supervisor. Replaced whole, so reads are never torn."""
+@dataclass
+class _Control:
+    """The supervisor's private control state: every decision reads this, never the snapshot."""
 
     phase: Phase = Phase.IDLE
     webrtc_error: str | None = None
     attempt: int = 0
-    """Reconnect attempts used from the current budget."""
-    max_attempts: int = 3
-    last_loss_reason: str | None = None
+    last_loss: Loss | None = None
     sessions_started: int = 0
-    """Sessions that connected, over the supervisor's life (first starts and reconnects)."""
     sessions_lost: int = 0
-    version: int = 0
-    """Increases with every change: a watcher can tell it missed nothing."""
-    changed_at: float = 0.0
-    """``trio.current_time()`` of this change, so a watcher measures durations exactly."""
-
-    @property
-    def webrtc_connected(self) -> bool:
-        return self.phase is Phase.CONNECTED
-
-    @property
-    def webrtc_reconnecting(self) -> bool:
-        return self.phase in (Phase.BACKOFF, Phase.RECONNECTING)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase.value,
-            "webrtc_connected": self.webrtc_connected,
-            "webrtc_reconnecting": self.webrtc_reconnecting,
-            "webrtc_error": self.webrtc_error,
-            "attempt": self.attempt,
-            "max_attempts": self.max_attempts,
-            "last_loss_reason": self.last_loss_reason,
-            "sessions_started": self.sessions_started,
-            "sessions_lost": self.sessions_lost,
-        }
+    sessions_abandoned: int = 0
 
 
 @dataclass(eq=False)
@@ -223,6 +163,9 @@ class _Run:
     ticket: int
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
+    connected: bool = False
+    """A session of this run connected at least once (its start has been answered)."""
+    abandoned: bool = False
 
 
 class _AttemptFailedError(Exception):
@@ -235,16 +178,53 @@ class _StartSupersededError(Exception):
     """Raised out of ``nursery.start`` when the run was cancelled before it connected."""
 
 
-class _Connected:
-    """Wraps the session's ``task_status`` so the supervisor knows whether it connected."""
+class _Attempt:
+    """One connect attempt and the one session it makes: the single place that knows what
+    the session took, whether it connected, and how it was lost.
 
-    def __init__(self, inner: trio.TaskStatus[None]) -> None:
-        self._inner = inner
-        self.value = False
+    It is the session's :class:`~scope_trio.core.session.SessionAttempt` and wraps its
+    ``task_status``: ``started()`` records the connect synchronously, so a loss the session
+    reports in the same step is already a loss of a connected session.
+    """
+
+    def __init__(self, supervisor: SessionSupervisor, run: _Run, session: MediaSession) -> None:
+        self._supervisor = supervisor
+        self.run = run
+        self.session = session
+        self.scope = trio.CancelScope()
+        self.taken_version: int | None = None
+        self.taken_one_shots: Parameters = {}
+        self.connected = False
+        self.connected_at = 0.0
+        self.loss: Loss | None = None
+        self._task_status: trio.TaskStatus[None] | None = None
+
+    def parameters(self) -> Parameters:
+        supervisor = self._supervisor
+        self.taken_version = supervisor._params_version
+        self.taken_one_shots = dict(supervisor._pending_one_shots)
+        return {**copy.deepcopy(supervisor._params), **copy.deepcopy(self.taken_one_shots)}
 
     def started(self, value: None = None) -> None:
-        self.value = True
-        self._inner.started(value)
+        assert self._task_status is not None
+        if self.connected:
+            raise RuntimeError("the media session reported started() twice")
+        self.connected = True
+        self.connected_at = trio.current_time()
+        self._supervisor._on_connected(self)
+        self._task_status.started(value)
+
+    def lost(self, loss: Loss) -> None:
+        if self.loss is not None:
+            return
+        self.loss = loss
+        if self.connected:
+            self._supervisor._on_lost(self)
+
+    def crash(self, exc: Exception) -> None:
+        """The session raised where it must not: a loss, and the session is ended."""
+        self.lost(Loss(LossKind.SESSION_CRASHED, f"media session crashed: {_describe(exc)}"))
+        self.scope.cancel()
 
 
 def _copy_parameters(params: Mapping[str, Any], what: str) -> Parameters:
@@ -288,14 +268,19 @@ class SessionSupervisor:
         self._lock = trio.Lock()  # serialises the retire-then-launch half of start/stop
         self._ticket = 0  # bumped by every start/stop/link loss; older runs are stale
         self._run: _Run | None = None
-        self._session: MediaSession | None = None  # the connected session, if any
+        self._session: _Attempt | None = None  # the connected session's attempt, if any
         self._params: Parameters = {}  # replayable parameters (no one-shot keys)
         self._pending_one_shots: Parameters = {}  # one-shot keys not yet delivered
         self._params_version = 0  # bumped on every accepted update
-        self._restarts: deque[float] = deque()  # start times of recent reconnect attempts
-        self._connected_at = 0.0
-        self._state = SupervisorStatus(max_attempts=self.policy.max_attempts)
-        self._watchers: set[trio.MemorySendChannel[SupervisorStatus]] = set()
+        self._restarts = self.policy.intensity.tracker()
+        self._outage_since: float | None = None
+        self._control = _Control()
+        self._version = 0
+        self._state = self._snapshot()
+        self._watchers: dict[
+            trio.MemorySendChannel[SupervisorStatus], trio.MemoryReceiveChannel[SupervisorStatus]
+        ] = {}
+        self._subscribers: list[Subscriber] = []
 
     # ------------------------------------------------------------------ status
 
@@ -306,7 +291,7 @@ class SessionSupervisor:
     @property
     def session(self) -> MediaSession | None:
         """The connected session, or None (e.g. for a debug action on the live session)."""
-        return self._session
+        return self._session.session if self._session is not None else None
 
     @property
     def last_parameters(self) -> Parameters:
@@ -317,20 +302,34 @@ class SessionSupervisor:
     async def watch(
         self, buffer: int = 256
     ) -> AsyncIterator[trio.MemoryReceiveChannel[SupervisorStatus]]:
-        """Every status change, in order, starting with the current one.
+        """Status changes, in order, starting with the current one.
 
-        A watcher that falls ``buffer`` changes behind misses the oldest ones; ``version``
-        shows the gap.
+        Latest-value semantics: a watcher that falls ``buffer`` changes behind misses the
+        oldest ones, never the newest, so the last status it receives is always the current
+        one (``version`` shows what it skipped). For every event, :meth:`subscribe`.
         """
+        if buffer < 1:
+            raise ValueError(f"watch buffer must be at least 1, got {buffer!r}")
         send, receive = trio.open_memory_channel[SupervisorStatus](buffer)
         send.send_nowait(self._state)
-        self._watchers.add(send)
+        self._watchers[send] = receive
         try:
             async with receive:
                 yield receive
         finally:
-            self._watchers.discard(send)
+            self._watchers.pop(send, None)
             send.close()
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        """Call ``callback`` with every :mod:`~scope_trio.core.events` event; returns the
+        function that unsubscribes it."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self._subscribers:
+                self._subscribers.remove(callback)
+
+        return unsubscribe
 
     async def wait_until(self, predicate: Callable[[SupervisorStatus], bool]) -> SupervisorStatus:
         """Wait for the first status, the current one included, that satisfies ``predicate``.
@@ -345,26 +344,65 @@ class SessionSupervisor:
             "unreachable: the watch channel never closes first"
         )  # pragma: no cover
 
+    def _snapshot(self) -> SupervisorStatus:
+        c = self._control
+        return SupervisorStatus(
+            phase=c.phase,
+            webrtc_error=c.webrtc_error,
+            attempt=c.attempt,
+            max_attempts=self.policy.max_attempts,
+            last_loss_reason=c.last_loss.detail if c.last_loss is not None else None,
+            sessions_started=c.sessions_started,
+            sessions_lost=c.sessions_lost,
+            sessions_abandoned=c.sessions_abandoned,
+            version=self._version,
+            changed_at=trio.current_time() if self._version else 0.0,
+        )
+
     def _set(self, run: _Run | None, **changes: Any) -> bool:
         """Apply ``changes`` if ``run`` is still current (None: the caller owns the ticket)."""
         if run is not None and run.ticket != self._ticket:
             return False
-        self._state = replace(
-            self._state,
-            version=self._state.version + 1,
-            changed_at=trio.current_time(),
-            **changes,
-        )
-        for watcher in list(self._watchers):
-            try:
-                watcher.send_nowait(self._state)
-            except trio.WouldBlock:
-                logger.warning(
-                    "status watcher fell behind; dropping change %d", self._state.version
-                )
-            except trio.BrokenResourceError:
-                self._watchers.discard(watcher)
+        control = self._control
+        was, was_attempt = control.phase, control.attempt
+        for name, value in changes.items():
+            setattr(control, name, value)
+        now, attempt = control.phase, control.attempt
+        at = trio.current_time()
+        another = was is now is Phase.RECONNECTING and attempt != was_attempt
+        if was is Phase.RECONNECTING and (now is not Phase.RECONNECTING or another):
+            outcome: Outcome = "aborted"
+            if now is Phase.CONNECTED:
+                outcome = "succeeded"
+            elif now is Phase.BACKOFF:
+                outcome = "failed"
+            self._emit(AttemptEnded(at, was_attempt, outcome))
+        if now is Phase.RECONNECTING and (was is not Phase.RECONNECTING or another):
+            self._emit(AttemptStarted(at, attempt, self.policy.max_attempts))
+        if now in (Phase.IDLE, Phase.FAILED):
+            self._outage_since = None
+        self._version += 1
+        self._publish(self._snapshot())
         return True
+
+    def _publish(self, status: SupervisorStatus) -> None:
+        self._state = status
+        for send, receive in list(self._watchers.items()):
+            try:
+                try:
+                    send.send_nowait(status)
+                except trio.WouldBlock:
+                    receive.receive_nowait()  # drop the oldest: the newest must get through
+                    send.send_nowait(status)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock):
+                self._watchers.pop(send, None)
+
+    def _emit(self, event: SupervisorEvent) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback(event)
+            except Exception:  # a subscriber's bug must never disturb the supervisor
+                logger.exception("supervisor event subscriber failed on %r", event)
 
     # ------------------------------------------------------------ public calls
 
@@ -391,27 +429,29 @@ class SessionSupervisor:
         Returns once a session is connected; raises :class:`StartFailedError` if the budget
         ran out first. Does nothing unless the supervisor is in :attr:`Phase.LINK_DOWN`.
         """
-        if self._state.phase is not Phase.LINK_DOWN:
+        if self._control.phase is not Phase.LINK_DOWN:
             return
-        error = self._state.webrtc_error
+        error = self._control.webrtc_error
         first = min(1, self.policy.max_attempts)
         ticket = self._supersede(Phase.RECONNECTING, webrtc_error=error, attempt=first)
         self._restarts.clear()
         await self._launch(ticket, abandoned=Phase.LINK_DOWN, error=error, resumed=True)
 
     async def stop(self) -> None:
-        """Cancel everything and forget the parameters. Returns once the session is closed.
+        """Cancel everything and forget the parameters; see the module docstring.
 
-        Idempotent and safe to call concurrently with anything. If the caller is cancelled
-        while stopping, the stop still completes (shielded, bounded by ``close_timeout``),
-        then the caller's cancellation is raised.
+        Returns once the session is closed, or abandoned (a named outcome: logged, counted in
+        ``sessions_abandoned``, an :class:`~scope_trio.core.events.Abandoned` event) if it
+        does not close within twice ``close_timeout``. Every field is clear on return, even
+        if updates arrived meanwhile. Idempotent and safe to call concurrently with anything.
+        If the caller is cancelled while stopping, the stop still completes (shielded,
+        bounded), then the caller's cancellation is raised.
         """
-        self._supersede(Phase.IDLE)
-        self._params = {}
-        self._pending_one_shots = {}
-        self._params_version += 1
-        self._restarts.clear()
+        ticket = self._supersede(Phase.IDLE)
+        self._forget()
         await self._retire_shielded()
+        if ticket == self._ticket:
+            self._forget()  # whatever arrived while the session closed
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def link_lost(self, reason: str) -> None:
@@ -421,10 +461,16 @@ class SessionSupervisor:
         and ``webrtc_error`` says why. Without a session in flight this only records nothing.
         """
         active = (Phase.CONNECTING, Phase.CONNECTED, Phase.BACKOFF, Phase.RECONNECTING)
-        if self._state.phase not in active:
+        control = self._control
+        if control.phase not in active:
             return
-        reason = f"cloud connection closed ({reason})"
-        self._supersede(Phase.LINK_DOWN, webrtc_error=lost_message(reason), last_loss_reason=reason)
+        loss = Loss(LossKind.LINK_LOST, f"cloud connection closed ({reason})")
+        connected = self._session
+        self._supersede(Phase.LINK_DOWN, webrtc_error=lost_message(loss.detail), last_loss=loss)
+        if connected is not None:
+            now = trio.current_time()
+            self._outage_since = now
+            self._emit(Lost(now, loss, connected.connected_at))
         await self._retire_shielded()
         await trio.lowlevel.checkpoint_if_cancelled()
 
@@ -441,16 +487,26 @@ class SessionSupervisor:
         self._params.update({k: v for k, v in update.items() if k not in self.one_shot_keys})
         self._params_version += 1
         one_shots = {k: v for k, v in update.items() if k in self.one_shot_keys}
-        if self._session is not None:
+        attempt = self._session
+        if attempt is not None:
             try:
-                self._session.send_parameters(update)
+                attempt.session.send_parameters(update)
             except SessionClosedError:
                 logger.info("session closed under a parameter update; keeping it for the next one")
+            except Exception as exc:  # the session's bug: it is lost, we carry on
+                logger.exception("media session failed a parameter update")
+                attempt.crash(exc)
             else:
                 return
         self._pending_one_shots.update(one_shots)
 
     # ------------------------------------------------------------- internals
+
+    def _forget(self) -> None:
+        self._params = {}
+        self._pending_one_shots = {}
+        self._params_version += 1
+        self._restarts.clear()
 
     def _supersede(self, phase: Phase, **changes: Any) -> int:
         """Make every earlier call and run stale, at once, and record the new phase."""
@@ -468,12 +524,11 @@ class SessionSupervisor:
             return
         run.scope.cancel()
         # Sessions close within close_timeout (their own shielded deadline); allow twice that.
-        with trio.move_on_after(2 * self.policy.close_timeout) as waited:
+        bound = 2 * self.policy.close_timeout
+        with trio.move_on_after(bound):
             await run.done.wait()
-        if waited.cancelled_caught:
-            logger.error(
-                "session did not close within %.1f s; abandoning it", 2 * self.policy.close_timeout
-            )
+        if not run.done.is_set():
+            self._abandon(run, bound)
         if self._run is run:
             self._run = None
 
@@ -481,9 +536,39 @@ class SessionSupervisor:
         # Shielded: a stop must finish even when its caller is cancelled. The deadline covers
         # _retire's own bound plus getting the lock from a start whose connect is already
         # cancelled and closing (itself bounded the same way).
-        with trio.move_on_after(4 * self.policy.close_timeout, shield=True):
+        bound = 4 * self.policy.close_timeout
+        with trio.move_on_after(bound, shield=True):
             async with self._lock:
                 await self._retire()
+        run = self._run
+        if run is not None and run.scope.cancel_called and not run.done.is_set():
+            self._abandon(run, bound)
+
+    def _abandon(self, run: _Run, waited: float) -> None:
+        """Stop waiting for ``run``: say so everywhere, and reap it in the background."""
+        if run.abandoned:
+            return
+        run.abandoned = True
+        logger.error(
+            "media session did not close within %g s; abandoned, still closing in the background",
+            waited,
+        )
+        self._set(None, sessions_abandoned=self._control.sessions_abandoned + 1)
+        self._emit(Abandoned(trio.current_time(), waited))
+        self._nursery.start_soon(self._reap, run)
+
+    async def _reap(self, run: _Run) -> None:
+        """Watch an abandoned run (it closes in this same nursery) until it is gone."""
+        began = trio.current_time()
+        bound = REAP_FACTOR * self.policy.close_timeout
+        with trio.move_on_after(bound):
+            await run.done.wait()
+        if run.done.is_set():
+            logger.info(
+                "abandoned media session reaped after %g s more", trio.current_time() - began
+            )
+        else:
+            logger.error("abandoned media session still open %g s later; it leaks", bound)
 
     async def _launch(
         self,
@@ -521,7 +606,7 @@ class SessionSupervisor:
             # "connected" whose session its cancelled caller took down, or a resume's
             # "reconnecting") behind. A failed start already says FAILED.
             unfinished = (Phase.CONNECTING, Phase.CONNECTED, Phase.RECONNECTING, Phase.BACKOFF)
-            if ticket == self._ticket and self._state.phase in unfinished:
+            if ticket == self._ticket and self._control.phase in unfinished:
                 if self._run is not None:
                     self._run.scope.cancel()
                 self._session = None
@@ -535,178 +620,189 @@ class SessionSupervisor:
 
         A resumed run's first connect is already a reconnect: when it fails, the reconnect
         budget applies instead of failing the start, and ``started`` waits for a connect.
+        An unexpected exception here is contained: a final "internal error" for this run.
         """
-        connected = False
 
         def report_connected() -> None:
-            nonlocal connected
-            if not connected:
-                connected = True
+            if not run.connected:
+                run.connected = True
                 task_status.started()
 
         try:
             with run.scope:
-                reason: str | None
                 try:
-                    reason = await self._session_lifetime(run, on_connected=report_connected)
-                except _AttemptFailedError as exc:
-                    if run.ticket != self._ticket:
-                        raise _StartSupersededError from None  # not ours to report any more
-                    if not resumed:
-                        self._set(
-                            run, phase=Phase.FAILED, webrtc_error=start_failed_message(exc.reason)
-                        )
-                        raise StartFailedError(exc.reason) from None
-                    logger.warning("resuming the media session failed: %s", exc.reason)
-                    reason = self._state.last_loss_reason or exc.reason
-                    self._set(run, phase=Phase.BACKOFF, webrtc_error=lost_message(reason))
-                while reason is not None:
-                    reason = await self._recover(run, reason, on_connected=report_connected)
-            if not connected:
-                if run.ticket == self._ticket and self._state.phase is Phase.FAILED:
+                    await self._serve_run(run, resumed, report_connected)
+                except (StartFailedError, _StartSupersededError):
+                    raise
+                except Exception as exc:  # a bug: contain it, everything below is closed
+                    logger.exception("supervisor run failed")
+                    message = internal_error_message(exc)
+                    if run.connected or resumed:
+                        self._give_up(run, GiveUpReason.INTERNAL_ERROR, message)
+                    elif self._set(run, phase=Phase.FAILED, webrtc_error=message):
+                        self._emit(StartFailed(trio.current_time(), message))
+                    if not run.connected and run.ticket == self._ticket:
+                        raise StartFailedError(message) from None
+            if not run.connected:
+                if run.ticket == self._ticket and self._control.phase is Phase.FAILED:
                     # A resume whose reconnects all failed: the budget is spent.
-                    raise StartFailedError(self._state.webrtc_error or "reconnect failed")
+                    raise StartFailedError(self._control.webrtc_error or "reconnect failed")
                 # Cancelled (by a later start, stop or link loss) before the first connect.
                 raise _StartSupersededError
         finally:
             run.done.set()
 
+    async def _serve_run(
+        self, run: _Run, resumed: bool, report_connected: Callable[[], None]
+    ) -> None:
+        loss: Loss | None
+        try:
+            loss = await self._session_lifetime(run, report_connected)
+        except _AttemptFailedError as exc:
+            if run.ticket != self._ticket:
+                raise _StartSupersededError from None  # not ours to report any more
+            if not resumed:
+                message = start_failed_message(exc.reason)
+                if self._set(run, phase=Phase.FAILED, webrtc_error=message):
+                    self._emit(StartFailed(trio.current_time(), exc.reason))
+                raise StartFailedError(exc.reason) from None
+            logger.warning("resuming the media session failed: %s", exc.reason)
+            loss = self._control.last_loss or Loss(LossKind.OTHER, exc.reason)
+            self._set(run, phase=Phase.BACKOFF, webrtc_error=lost_message(loss.detail))
+        while loss is not None:
+            loss = await self._recover(run, loss, report_connected)
+
     async def _recover(
-        self, run: _Run, reason: str, *, on_connected: Callable[[], None] | None = None
-    ) -> str | None:
-        """Rebuild a lost session. Returns the next loss reason, or None when giving up."""
+        self, run: _Run, loss: Loss, report_connected: Callable[[], None]
+    ) -> Loss | None:
+        """Rebuild a lost session. Returns the next loss, or None when giving up."""
         policy = self.policy
         while True:
-            attempt = self._state.attempt + 1
+            attempt = self._control.attempt + 1
             if attempt > policy.max_attempts:
-                self._give_up(run, budget_spent_message(policy.max_attempts))
+                self._give_up(
+                    run, GiveUpReason.BUDGET_SPENT, budget_spent_message(policy.max_attempts)
+                )
                 return None
-            now = trio.current_time()
-            while self._restarts and now - self._restarts[0] > policy.restart_window:
-                self._restarts.popleft()
-            if len(self._restarts) >= policy.max_restarts:
-                self._give_up(run, intensity_message(policy.max_restarts, policy.restart_window))
+            if self._restarts.exhausted(trio.current_time()):
+                message = intensity_message(policy.max_restarts, policy.restart_window)
+                self._give_up(run, GiveUpReason.RESTART_INTENSITY, message)
                 return None
             await trio.sleep(policy.delay(attempt, self._rng))
             if run.ticket != self._ticket:
                 return None  # superseded while asleep; the cancel arrives at our next await
-            self._restarts.append(trio.current_time())
+            self._restarts.record(trio.current_time())
             self._set(run, phase=Phase.RECONNECTING, attempt=attempt)
             logger.info("reconnect attempt %d/%d", attempt, policy.max_attempts)
             try:
-                return await self._session_lifetime(run, on_connected=on_connected)
+                return await self._session_lifetime(run, report_connected)
             except _AttemptFailedError as exc:
                 logger.warning(
                     "reconnect attempt %d/%d failed: %s", attempt, policy.max_attempts, exc.reason
                 )
-                self._set(run, phase=Phase.BACKOFF, webrtc_error=lost_message(reason))
+                self._set(run, phase=Phase.BACKOFF, webrtc_error=lost_message(loss.detail))
 
-    def _give_up(self, run: _Run, message: str) -> None:
+    def _give_up(self, run: _Run, reason: GiveUpReason, message: str) -> None:
         logger.error("%s", message)
-        self._set(run, phase=Phase.FAILED, webrtc_error=message)
+        if self._set(run, phase=Phase.FAILED, webrtc_error=message):
+            self._emit(GaveUp(trio.current_time(), reason, message))
 
-    async def _session_lifetime(self, run: _Run, *, on_connected: Callable[[], None] | None) -> str:
-        """Connect one fresh session, serve it, and return why it was lost.
+    async def _session_lifetime(self, run: _Run, report_connected: Callable[[], None]) -> Loss:
+        """Connect one fresh session, serve it, and return how it was lost.
 
         Raises :class:`_AttemptFailedError` if it did not connect within ``attempt_timeout``.
         The session's nursery closes before this returns or raises, so the session is
         completely gone before anything else starts.
         """
-        session = self._factory()
-        snapshot_version = self._params_version
-        one_shots = dict(self._pending_one_shots)
-        initial = {**copy.deepcopy(self._params), **copy.deepcopy(one_shots)}
-        lost: list[str] = []
+        try:
+            session = self._factory()
+        except Exception as exc:  # the session's own bug: this attempt failed
+            logger.exception("could not make a media session")
+            raise _AttemptFailedError(_describe(exc)) from None
+        attempt = _Attempt(self, run, session)
         failure: str | None = None
         async with trio.open_nursery() as nursery:
             with trio.move_on_after(self.policy.attempt_timeout) as deadline:
                 try:
-                    await nursery.start(self._serve, run, session, initial, lost)
+                    await nursery.start(self._serve, attempt)
                 except Exception as exc:  # the session's own connect error is its reason
                     failure = _describe(exc)
             if deadline.cancelled_caught:
                 failure = f"connect timed out after {self.policy.attempt_timeout:g} s"
-            if failure is None:
-                self._on_connected(run, session, one_shots, snapshot_version)
-                if lost:  # lost before we got here: report it now, it was dropped before
-                    self._on_lost(run, lost[0])
-                if on_connected is not None:
-                    on_connected()
+            if failure is None and run.ticket == self._ticket:
+                report_connected()
         if failure is not None:
             raise _AttemptFailedError(failure)
-        return lost[0]
+        assert attempt.loss is not None  # _serve records one before it returns
+        return attempt.loss
 
-    async def _serve(
-        self,
-        run: _Run,
-        session: MediaSession,
-        initial: Parameters,
-        lost: list[str],
-        *,
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        connected = _Connected(task_status)
-        try:
-            reason = await session.run(
-                initial, lambda reason: self._on_lost(run, reason), task_status=connected
-            )
-        except Exception as exc:
-            if not connected.value:
-                raise
-            logger.exception("media session crashed")
-            reason = f"media session crashed: {_describe(exc)}"
-        if not connected.value:
-            raise RuntimeError("media session ended without connecting")
-        reason = reason or "session ended"
-        lost.append(reason)
-        self._on_lost(run, reason)
+    async def _serve(self, attempt: _Attempt, *, task_status: trio.TaskStatus[None]) -> None:
+        attempt._task_status = task_status
+        with attempt.scope:
+            try:
+                loss = await attempt.session.run(attempt, task_status=attempt)
+            except Exception as exc:
+                if not attempt.connected:
+                    raise
+                logger.exception("media session crashed")
+                attempt.crash(exc)
+                return
+            if not attempt.connected:
+                raise RuntimeError("media session ended without connecting")
+            attempt.lost(loss or Loss(LossKind.OTHER, "session ended"))
 
-    def _on_connected(
-        self, run: _Run, session: MediaSession, one_shots: Parameters, snapshot_version: int
-    ) -> None:
-        if run.ticket != self._ticket:
+    def _on_connected(self, attempt: _Attempt) -> None:
+        """Called from the session's task in the step it connects (``started()``)."""
+        if attempt.run.ticket != self._ticket:
             return
-        # The one-shot keys went out in this session's initial parameters: never again.
-        for key, value in one_shots.items():
+        # What the session took in its offer went out: one-shots there are never resent.
+        for key, value in attempt.taken_one_shots.items():
             if self._pending_one_shots.get(key, _MISSING) is value:
                 del self._pending_one_shots[key]
-        self._session = session
-        now = trio.current_time()
-        self._connected_at = now
-        state = self._state
+        self._session = attempt
+        control = self._control
         self._set(
-            run,
+            attempt.run,
             phase=Phase.CONNECTED,
             webrtc_error=None,
-            sessions_started=state.sessions_started + 1,
+            sessions_started=control.sessions_started + 1,
         )
-        if self._params_version != snapshot_version or self._pending_one_shots:
-            # Updates arrived while this session was connecting: deliver them now.
+        if self._outage_since is not None:
+            now = trio.current_time()
+            self._emit(Recovered(now, now - self._outage_since))
+            self._outage_since = None
+        if attempt.taken_version != self._params_version or self._pending_one_shots:
+            # Updates arrived after the session built its offer: deliver them now.
             catch_up = {**copy.deepcopy(self._params), **self._pending_one_shots}
             self._pending_one_shots = {}
             try:
-                session.send_parameters(catch_up)
+                attempt.session.send_parameters(catch_up)
             except Exception:  # closed under us, or worse: keep one-shots, never crash
                 logger.warning("could not deliver the catch-up parameters", exc_info=True)
                 self._pending_one_shots = {
                     k: v for k, v in catch_up.items() if k in self.one_shot_keys
                 }
 
-    def _on_lost(self, run: _Run, reason: str) -> None:
-        """Called from the session's task the moment it ends: report the loss at once."""
-        if run.ticket != self._ticket or self._state.phase is not Phase.CONNECTED:
+    def _on_lost(self, attempt: _Attempt) -> None:
+        """Called from the session's task the moment it reports a loss: report it at once."""
+        loss = attempt.loss
+        if attempt.run.ticket != self._ticket or self._session is not attempt or loss is None:
             return
         self._session = None
-        stable = trio.current_time() - self._connected_at >= self.policy.stable_period
-        logger.warning("media session lost: %s", reason)
+        now = trio.current_time()
+        stable = now - attempt.connected_at >= self.policy.stable_period
+        logger.warning("media session lost: %s", loss.detail)
+        control = self._control
         self._set(
-            run,
+            attempt.run,
             phase=Phase.BACKOFF,
-            webrtc_error=lost_message(reason),
-            last_loss_reason=reason,
-            sessions_lost=self._state.sessions_lost + 1,
-            attempt=0 if stable else self._state.attempt,
+            webrtc_error=lost_message(loss.detail),
+            last_loss=loss,
+            sessions_lost=control.sessions_lost + 1,
+            attempt=0 if stable else control.attempt,
         )
+        self._outage_since = now
+        self._emit(Lost(now, loss, attempt.connected_at))
 
 
 _MISSING = object()

@@ -19,7 +19,13 @@ from typing import Any
 
 import trio
 
-from scope_trio.core.session import Parameters, SessionClosedError
+from scope_trio.core.session import (
+    Loss,
+    LossKind,
+    Parameters,
+    SessionAttempt,
+    SessionClosedError,
+)
 
 
 @dataclass(frozen=True)
@@ -31,11 +37,20 @@ class Plan:
     """Raise ``ConnectionError(fail)`` after ``connect_delay``."""
     hang: bool = False
     """Never connect (only a deadline or a cancel ends it)."""
-    lose_at_once: str | None = None
+    lose_at_once: str | Loss | None = None
     """Connect, then report this loss with no checkpoint in between."""
+    offer_delay: float = 0.0
+    """Seconds between the session's start and the moment it builds its offer (reads its
+    initial parameters); part of the connect, before ``connect_delay``."""
+    raise_at: str | None = None
+    """Inject ``error`` here: "connect" (before connecting), "connected" (right after
+    reporting connected), "close" (while closing after a loss) or "send" (in
+    ``send_parameters``). For the tests that prove a session's bug stays contained."""
+    error: BaseException | None = None
 
 
 OK = Plan()
+PEER_CLOSED = Loss(LossKind.PEER_CONNECTION_CLOSED, "peer connection closed")
 
 
 class FakeState(enum.Enum):
@@ -55,7 +70,7 @@ class FakeSession:
         self.state = FakeState.CONNECTING
         self.initial: Parameters | None = None
         self.updates: list[Parameters] = []
-        self.lost_reason: str | None = None
+        self.loss: Loss | None = None
         self.connected_once = False
         self._lost = trio.Event()
 
@@ -67,51 +82,68 @@ class FakeSession:
             merged.update(update)
         return merged
 
+    @property
+    def lost_reason(self) -> str | None:
+        return self.loss.detail if self.loss is not None else None
+
     async def run(
         self,
-        params: Mapping[str, Any],
-        on_lost: Callable[[str], None],
+        attempt: SessionAttempt,
         *,
         task_status: trio.TaskStatus[None],
-    ) -> str:
-        self.initial = copy.deepcopy(dict(params))
+    ) -> Loss:
         self.cloud._opened(self)
         try:
+            if self.plan.offer_delay:
+                await trio.sleep(self.plan.offer_delay)
+            self.initial = copy.deepcopy(attempt.parameters())
             await trio.sleep(self.plan.connect_delay)
             if self.plan.hang:
                 await trio.sleep_forever()
             if self.plan.fail is not None:
                 raise ConnectionError(self.plan.fail)
+            self._inject("connect")
             self.state = FakeState.CONNECTED
             self.connected_once = True
             self.cloud._touch()
             task_status.started()
             if self.cloud.on_connected is not None:
                 self.cloud.on_connected(self)
+            self._inject("connected")
             if self.plan.lose_at_once is not None:
                 self.lose(self.plan.lose_at_once)  # and no checkpoint before on_lost
             else:
                 await self._lost.wait()
-            assert self.lost_reason is not None
-            on_lost(self.lost_reason)
-            return self.lost_reason
+            assert self.loss is not None
+            attempt.lost(self.loss)
+            return self.loss
         finally:
             self.state = FakeState.CLOSING
             self.cloud._touch()
+            if self.cloud.on_closing is not None:
+                self.cloud.on_closing(self)
             with trio.move_on_after(self.cloud.close_delay + 1.0, shield=True):
                 await trio.sleep(self.cloud.close_delay)
             self.state = FakeState.CLOSED
             self.cloud._closed(self)
+            if self.loss is not None:
+                self._inject("close")
+
+    def _inject(self, point: str) -> None:
+        if self.plan.raise_at == point and self.plan.error is not None:
+            raise self.plan.error
 
     def send_parameters(self, update: Mapping[str, Any]) -> None:
+        self._inject("send")
         if self.state is not FakeState.CONNECTED or self._lost.is_set():
             raise SessionClosedError(f"fake session {self.index} is {self.state.value}")
         self.updates.append(copy.deepcopy(dict(update)))
         self.cloud._touch()
 
-    def lose(self, reason: str) -> None:
+    def lose(self, reason: str | Loss) -> None:
+        """End the session with ``reason`` (a plain text is a loss of kind ``OTHER``)."""
         if self.state is FakeState.CONNECTED and not self._lost.is_set():
-            self.lost_reason = reason
+            self.loss = reason if isinstance(reason, Loss) else Loss(LossKind.OTHER, reason)
             self._lost.set()
 
 
@@ -129,6 +161,10 @@ class FakeCloud:
         """When each session's connect began, in seconds since the cloud was made."""
         self.on_connected: Callable[[FakeSession], object] | None = None
         """Called synchronously right after a session reports it connected (race tests)."""
+        self.on_closing: Callable[[FakeSession], object] | None = None
+        """Called synchronously the moment a session begins to close (race tests)."""
+        self.factory_error: Exception | None = None
+        """Raised (once) by the next call of the factory, as a session constructor's bug would."""
         self._script: deque[Plan] = deque()
         self._changed = trio.Event()
 
@@ -141,6 +177,9 @@ class FakeCloud:
         self._script.extend(plans)
 
     def __call__(self) -> FakeSession:
+        if self.factory_error is not None:
+            error, self.factory_error = self.factory_error, None
+            raise error
         plan = self._script.popleft() if self._script else self.default
         session = FakeSession(self, len(self.sessions), plan)
         self.sessions.append(session)
@@ -153,7 +192,10 @@ class FakeCloud:
                 return session
         return None
 
-    def lose(self, reason: str = "peer connection closed") -> FakeSession:
+    def lose(
+        self,
+        reason: str | Loss = PEER_CLOSED,
+    ) -> FakeSession:
         """End the connected session as a real loss would. Raises if none is connected."""
         session = self.connected
         if session is None:

@@ -13,14 +13,13 @@ derived from that owner, never a second copy kept in sync by hand):
   :class:`~scope_trio.cloud.media.MediaStats` (offers, frames to and from the cloud) and the
   relay's counters (browser sessions, frames relayed). A scrape shows exactly what the
   status API would show at that instant.
-* **Events, observed**: reconnect attempts and their outcomes, give-ups, loss reasons, and
-  the detection and recovery durations exist in no state (the status keeps only the
-  current attempt number and the latest loss reason). :class:`MediaMetrics` derives them
-  from the supervisor's ``watch()`` stream in a task of the server's nursery. That stream
-  is ordered and lossless (a 1 s recovery is not missed), every status says when it
-  changed (``changed_at``, trio's clock), so durations are exact rather than "when the
-  observer got round to it", and a scrape first waits (bounded) until the observer has
-  counted every change made so far, so it never shows a half-counted transition.
+* **Events, subscribed**: reconnect attempts and their outcomes, give-ups, losses by kind,
+  and the detection and recovery durations exist in no state. :class:`MediaMetrics`
+  subscribes to the supervisor's typed events (:mod:`scope_trio.core.events`), delivered
+  synchronously at the instant the supervisor decides them, each with its trio time, so
+  nothing is missed, nothing is re-derived from text, and durations are exact. A loss's
+  label is its :class:`~scope_trio.core.session.LossKind`; a give-up's is the supervisor's
+  own :class:`~scope_trio.core.events.GiveUpReason`.
 * **Why the link counts its own events** instead of being watched: the manager's change
   notification coalesces (``wait_change`` answers with the newest version), so a drop and
   re-link between two reads would be invisible. The manager owns the link, so it counts
@@ -32,28 +31,26 @@ derived from that owner, never a second copy kept in sync by hand):
   frame time when it handles the loss; the next session cannot deliver a frame before its
   backoff (>= ``base_delay``) has passed, so the read is of the lost session's last frame.
 
-Transitions counted by :class:`MediaMetrics` (phases of
-:class:`~scope_trio.core.supervisor.Phase`):
+Events counted by :class:`MediaMetrics`:
 
 ==============================  ==============================================================
-``* → RECONNECTING``            a reconnect attempt (a resume after a re-link is one too)
-``RECONNECTING → CONNECTED``    outcome ``succeeded``
-``RECONNECTING → BACKOFF``      outcome ``failed``
-``RECONNECTING → other``        outcome ``aborted`` (a stop, a new start, the link lost)
-``BACKOFF → FAILED``            give-up: ``budget_spent`` when the attempts are used up, else
-                                ``restart_intensity``
-``CONNECTING → FAILED``         the first connect of a start failed
-``CONNECTED → BACKOFF``         a loss, reason classified by :func:`classify_loss`
-``CONNECTED → LINK_DOWN``       a loss, reason ``link_lost``
-``→ CONNECTED`` after a loss    recovery duration (loss reported → next session connected);
+``AttemptStarted``              a reconnect attempt (a resume after a re-link is one too)
+``AttemptEnded``                its outcome: ``succeeded``, ``failed``, or ``aborted`` (a stop,
+                                a new start, the link lost)
+``GaveUp``                      ``budget_spent``, ``restart_intensity`` or ``internal_error``
+``StartFailed``                 the first connect of a start failed
+``Lost``                        a loss, by kind (``link_lost`` when the link went down under a
+                                connected session); its detection duration
+``Recovered``                   recovery duration (loss reported → next session connected);
                                 an outage that ends in IDLE or FAILED has none
 ==============================  ==============================================================
+
+Sessions a stop abandoned (``sessions_abandoned``) are state, read at scrape time.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -62,7 +59,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from scope_trio.core.supervisor import Phase, SessionSupervisor, SupervisorStatus
+from scope_trio.core.events import (
+    AttemptEnded,
+    AttemptStarted,
+    GaveUp,
+    GiveUpReason,
+    Lost,
+    Recovered,
+    StartFailed,
+    SupervisorEvent,
+)
+from scope_trio.core.session import LossKind
+from scope_trio.core.supervisor import Phase, SessionSupervisor
 
 if TYPE_CHECKING:
     from scope_trio.cloud.manager import CloudManager
@@ -74,7 +82,6 @@ __all__ = [
     "LOSS_REASONS",
     "MediaMetrics",
     "ServerMetrics",
-    "classify_loss",
 ]
 
 logger = logging.getLogger(__name__)
@@ -89,48 +96,14 @@ DURATION_BUCKETS = (
 """Seconds: a closed peer connection is seen in ms, a silent path in ~1.05 s, a recovery
 takes the backoff (1, 2, 4 s) plus a reconnect; up to a link's heartbeat (15 s) and beyond."""
 
-LOSS_REASONS = (
-    "peer_connection_closed",
-    "peer_connection_failed",
-    "path_silence",
-    "no_video",
-    "track_ended",
-    "link_lost",
-    "session_crashed",
-    "other",
-)
+LOSS_REASONS = tuple(kind.value for kind in LossKind)
 """Every value the ``reason`` label of ``scope_trio_media_losses_total`` can take."""
 
 ATTEMPT_OUTCOMES = ("succeeded", "failed", "aborted")
-GIVE_UP_REASONS = ("budget_spent", "restart_intensity")
+GIVE_UP_REASONS = tuple(reason.value for reason in GiveUpReason)
 FRAME_DIRECTIONS = ("browser_to_cloud", "cloud_to_browser")
 CATCH_UP_TIMEOUT = 1.0
 """Bound on a scrape waiting for the observer to count the latest changes."""
-
-
-def classify_loss(reason: str | None) -> str:
-    """The bounded ``reason`` label for a loss reason of free text (never the text itself).
-
-    Matches the reasons :mod:`scope_trio.cloud.media` and the supervisor give: "peer connection
-    closed", "no video from the cloud for 2 s", "cloud video track ended", "media session
-    crashed: ...", and any mention of ICE consent or silence (a path that went quiet).
-    """
-    text = (reason or "").lower()
-    for label, needles in _LOSS_PATTERNS:
-        if any(needle in text for needle in needles):
-            return label
-    return "other"
-
-
-_LOSS_PATTERNS = (
-    ("session_crashed", ("crashed",)),
-    ("path_silence", ("consent", "silen")),
-    ("no_video", ("no video",)),
-    ("peer_connection_failed", ("peer connection failed",)),
-    ("peer_connection_closed", ("peer connection closed",)),
-    ("track_ended", ("track ended",)),
-)
-"""First match wins: a crash or a silent path may also mention the peer connection."""
 
 
 class MediaMetrics:
@@ -198,80 +171,48 @@ class MediaMetrics:
             for value in values:
                 metric.labels(value)  # every series exists from the start, at 0
         registry.register(_SupervisorCollector(supervisor))
-        self._previous: SupervisorStatus | None = None
-        self._connected_at = -math.inf
-        self._outage_since: float | None = None
         self._running = False
-        self._progress = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Count the supervisor's status changes until cancelled; started once subscribed."""
-        async with self._supervisor.watch() as changes:
-            self._running = True
+        """Count the supervisor's events until cancelled; started once subscribed."""
+        unsubscribe = self._supervisor.subscribe(self._observe_safely)
+        self._running = True
+        try:
             task_status.started()
-            try:
-                async for status in changes:
-                    try:
-                        self.observe(status)
-                    except Exception:  # a metrics bug must never take the server down
-                        logger.exception("metrics: counting status %d failed", status.version)
-            finally:
-                self._running = False
+            await trio.sleep_forever()
+        finally:
+            self._running = False
+            unsubscribe()
 
     async def caught_up(self) -> None:
-        """Return once every status change made so far is counted (bounded; at once if
-        :meth:`run` is not running)."""
-        target = self._supervisor.status.version
-        with trio.move_on_after(CATCH_UP_TIMEOUT) as waited:
-            while self._running and (self._previous is None or self._previous.version < target):
-                await self._progress.wait()
-        if waited.cancelled_caught:
-            seen = self._previous.version if self._previous is not None else 0
-            logger.warning("metrics observer is %d status changes behind", target - seen)
+        """Events are counted as they happen, so a scrape never waits: one checkpoint."""
         await trio.lowlevel.checkpoint()
 
-    def observe(self, status: SupervisorStatus) -> None:
-        """Count one status change (called by :meth:`run`, in order)."""
-        previous, self._previous = self._previous, status
-        self._progress.set()
-        self._progress = trio.Event()
-        if previous is None:
-            if status.phase is Phase.CONNECTED:
-                self._connected_at = status.changed_at
-            return
-        if status.version != previous.version + 1:
-            logger.warning(
-                "metrics missed %d supervisor status changes",
-                status.version - previous.version - 1,
-            )
-        was, now = previous.phase, status.phase
-        another = was is now is Phase.RECONNECTING and status.attempt != previous.attempt
-        if was is Phase.RECONNECTING and (now is not Phase.RECONNECTING or another):
-            outcome = {Phase.CONNECTED: "succeeded", Phase.BACKOFF: "failed"}.get(now, "aborted")
-            self.outcomes.labels(outcome).inc()  # so attempts = outcomes + the one under way
-        if now is Phase.RECONNECTING and (was is not Phase.RECONNECTING or another):
-            self.attempts.inc()
-        if was is Phase.BACKOFF and now is Phase.FAILED:
-            spent = status.attempt >= status.max_attempts
-            self.give_ups.labels("budget_spent" if spent else "restart_intensity").inc()
-        if was is Phase.CONNECTING and now is Phase.FAILED:
-            self.start_failures.inc()
-        if was is Phase.CONNECTED and now in (Phase.BACKOFF, Phase.LINK_DOWN):
-            self._lost(status, "link_lost" if now is Phase.LINK_DOWN else None)
-        if now is Phase.CONNECTED:
-            self._connected_at = status.changed_at
-            if self._outage_since is not None:
-                self.recovery.observe(status.changed_at - self._outage_since)
-                self._outage_since = None
-        elif now in (Phase.IDLE, Phase.FAILED):
-            self._outage_since = None
+    def _observe_safely(self, event: SupervisorEvent) -> None:
+        try:
+            self.observe(event)
+        except Exception:  # a metrics bug must never take the server down
+            logger.exception("metrics: counting %r failed", event)
 
-    def _lost(self, status: SupervisorStatus, reason: str | None) -> None:
-        self.losses.labels(reason or classify_loss(status.last_loss_reason)).inc()
-        last_frame = self._last_frame_at()
-        since = self._connected_at if last_frame is None else max(last_frame, self._connected_at)
-        self.detection.observe(max(0.0, status.changed_at - since))
-        self._outage_since = status.changed_at
+    def observe(self, event: SupervisorEvent) -> None:
+        """Count one supervisor event (called synchronously, in order)."""
+        if isinstance(event, AttemptStarted):
+            self.attempts.inc()
+        elif isinstance(event, AttemptEnded):
+            self.outcomes.labels(event.outcome).inc()  # attempts = outcomes + the one under way
+        elif isinstance(event, GaveUp):
+            self.give_ups.labels(event.reason.value).inc()
+        elif isinstance(event, StartFailed):
+            self.start_failures.inc()
+        elif isinstance(event, Lost):
+            self.losses.labels(event.loss.kind.value).inc()
+            last_frame = self._last_frame_at()
+            since = (
+                event.connected_at if last_frame is None else max(last_frame, event.connected_at)
+            )
+            self.detection.observe(max(0.0, event.at - since))
+        elif isinstance(event, Recovered):
+            self.recovery.observe(event.outage)
 
 
 class _SupervisorCollector:
@@ -315,6 +256,12 @@ class _SupervisorCollector:
             "Connected cloud media sessions lost, seen by the session itself (losses other "
             "than link_lost)",
             status.sessions_lost,
+        )
+        yield _counter(
+            "scope_trio_media_sessions_abandoned",
+            "Cloud media sessions a stop stopped waiting for (each still reaped in the "
+            "background; see SessionSupervisor.stop)",
+            status.sessions_abandoned,
         )
 
 

@@ -8,7 +8,7 @@ this module owns only the browser side.
 
 Supervision (everything runs in a nursery someone owns)::
 
-    owner's nursery (the server's)
+    Relay.open()'s nursery
     └── Relay._run_session             one per browser session, in the session's cancel scope
         └── session nursery
             ├── _watch_connection      browser pc closed/failed, or never connected: the end
@@ -40,12 +40,13 @@ run inside an open trio-asyncio loop (:func:`scope_trio.rtc.open_loop`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,7 @@ class _BrowserSession:
     """One browser peer connection and everything it owns. Changed only by :class:`Relay`."""
 
     id: str
-    pc: rtc.RTCPeerConnection
-    events: rtc.PeerEvents
+    pc: rtc.PeerConnection
     track: rtc.TrioVideoSource
     """The one outgoing track: the cloud's processed frames, held through outages."""
     params: dict[str, Any]
@@ -135,7 +135,7 @@ class _BrowserSession:
         return {
             "session_id": self.id,
             "current": current,
-            "state": str(self.pc.connectionState),
+            "state": self.pc.state,
             "open": self.open,
             "end_reason": self.end_reason,
             "user_id": self.user_id,
@@ -157,10 +157,27 @@ class _BrowserSession:
 class Relay:
     """The browser sessions of relay mode (see the module docstring).
 
-    Construct it with the manager that owns the cloud connection and a nursery that outlives
-    every browser session (the server's). Call it from trio tasks of that run, inside the
-    open trio-asyncio loop.
+    Open it with ``async with Relay.open(manager) as relay``: :meth:`open` owns the nursery
+    every browser session runs in and closes them all (shielded, bounded) when the block
+    ends. Call it from trio tasks of that run, inside the open trio-asyncio loop.
     """
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls, manager: CloudManager, *, close_timeout: float = 15.0, **options: Any
+    ) -> AsyncIterator[Relay]:
+        """The relay for the block; when the block ends, every browser session is closed."""
+        async with trio.open_nursery() as nursery:
+            relay = cls(manager, nursery, **options)
+            try:
+                yield relay
+            finally:
+                with trio.move_on_after(close_timeout, shield=True) as bounded:
+                    await relay.close_all()
+                if bounded.cancelled_caught:
+                    logger.warning("closing browser sessions overran %g s", close_timeout)
+                nursery.cancel_scope.cancel()
 
     def __init__(
         self,
@@ -219,20 +236,18 @@ class Relay:
             raise ValueError("'sdp' must be a string")  # noqa: TRY004 - the API's client error
         params = _json_object(initial_parameters or {}, "initialParameters")
 
-        pc = rtc.new_peer_connection([])
-        events = rtc.PeerEvents(pc)  # before negotiating: no event is missed
+        pc = rtc.PeerConnection([], close_timeout=self._close_timeout)  # collects events now
         track = rtc.TrioVideoSource(fps=self.fps, idle_timeout=None)  # _hold_frames feeds it
         session: _BrowserSession | None = None
         took_cloud = False  # we retired the session whose cloud media session was running
         try:
             with trio.fail_after(self._negotiate_timeout):
-                answer = await rtc.answer_offer(pc, sdp, sdp_type, send_tracks=[track])
-            if not any(t.sender.track is track for t in pc.getTransceivers()):
+                answer = await pc.answer(sdp, sdp_type, send_tracks=[track])
+            if not pc.sends(track):
                 raise ValueError("the offer has no video section to answer with")
             session = _BrowserSession(
                 id=str(uuid.uuid4()),
                 pc=pc,
-                events=events,
                 track=track,
                 params=params,
                 user_id=user_id,
@@ -250,7 +265,7 @@ class Relay:
         except BaseException:
             if session is None or session.id not in self._sessions:
                 track.stop()
-                await rtc.close_peer_connection(pc, self._close_timeout)
+                await pc.close()
                 if took_cloud:  # cancelled half-way: the replaced cloud session has no owner
                     await self._manager.stop_media()  # shielded and bounded by the supervisor
             raise
@@ -276,7 +291,7 @@ class Relay:
         for candidate in parsed:
             with trio.move_on_after(self._negotiate_timeout) as waited:
                 try:
-                    await rtc.add_ice_candidate(session.pc, candidate)
+                    await session.pc.add_candidate(candidate)
                 except rtc.InvalidCandidateError:
                     raise
                 except Exception as exc:  # aiortc internals: still the candidate's fault
@@ -363,7 +378,7 @@ class Relay:
         try:
             with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                 session.track.stop()
-                await rtc.close_peer_connection(session.pc, self._close_timeout)
+                await session.pc.close()
                 if self._current is session:
                     self._current = None
                     await self._manager.stop_media()
@@ -376,37 +391,35 @@ class Relay:
 
     async def _watch_connection(self, session: _BrowserSession) -> None:
         """End the session when the browser disconnects or never connects."""
-        events = session.events
+        pc = session.pc
         state: str | None = None
         with trio.move_on_after(self._connect_timeout):  # bounds the connect only
-            state = await events.wait_state("connected", "closed", "failed")
+            state = await pc.wait_state("connected", "closed", "failed")
         if state is None:
             session.end(f"browser did not connect within {self._connect_timeout:g} s")
             return
         if state == "connected":
             session.connected_at = trio.current_time()
             logger.info("browser session %s connected", session.id)
-            state = await events.wait_state("closed", "failed")  # as long as it streams
+            state = await pc.wait_state("closed", "failed")  # as long as it streams
         session.end(f"browser peer connection {state}")
 
     async def _pump_tracks(self, session: _BrowserSession, nursery: trio.Nursery) -> None:
         """Browser video feeds the cloud session; other tracks are drained and dropped."""
-        async for track in session.events.tracks:
+        async for track in session.pc.tracks:
             if track.kind == "video":
-                nursery.start_soon(rtc.receive_video, track, session.on_browser_frame)
+                nursery.start_soon(track.receive_video, session.on_browser_frame)
             else:
-                nursery.start_soon(_drain, track)
+                nursery.start_soon(track.drain)
 
     async def _pump_channels(self, session: _BrowserSession, nursery: trio.Nursery) -> None:
-        async for remote in session.events.channels:
+        async for remote in session.pc.channels:
             nursery.start_soon(self._forward_parameters, session, remote)
 
-    async def _forward_parameters(
-        self, session: _BrowserSession, remote: rtc.RemoteDataChannel
-    ) -> None:
+    async def _forward_parameters(self, session: _BrowserSession, remote: rtc.DataChannel) -> None:
         """JSON objects from the browser become parameter updates; anything else is logged
         and ignored, so a bad message never ends anything."""
-        label = remote.channel.label
+        label = remote.label
         async for message in remote.messages:
             session.parameter_messages += 1
             try:
@@ -478,15 +491,6 @@ class Relay:
             logger.warning("cloud media session for browser session %s timed out", session.id)
             return
         logger.info("cloud media session for browser session %s connected", session.id)
-
-
-async def _drain(track: rtc.MediaStreamTrack) -> None:
-    """Consume an inbound track we do not use, so aiortc does not queue it forever."""
-    while True:
-        try:
-            await rtc.aio(track.recv)
-        except rtc.MediaStreamError:
-            return
 
 
 def _json_object(value: Any, what: str) -> dict[str, Any]:

@@ -1,15 +1,15 @@
 """The dev cloud's media side: one peer connection per answered offer.
 
-This is the only module of the dev cloud that touches aiortc (through :mod:`scope_trio.rtc`):
-creating and closing peer connections, answering offers, adding ICE candidates, receiving and
-sending video, the ``parameters`` data channel and the datagram filter the network faults use.
-The rest of the dev cloud sees a :class:`CloudSession` and plain values. What a frame
-becomes is :mod:`.pipelines`' business; recording is :mod:`.recording`'s.
+This is the only module of the dev cloud that does WebRTC (through
+:class:`scope_trio.rtc.PeerConnection`, never an aiortc object): creating and closing peer
+connections, answering offers, adding ICE candidates, receiving and sending video, the
+``parameters`` data channel and the datagram filter the network faults use. The rest of the
+dev cloud sees a :class:`CloudSession` and plain values. What a frame becomes is
+:mod:`.pipelines`' business; recording is :mod:`.recording`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -52,13 +52,10 @@ class CloudSession:
     input processed, or frames drawn from the prompt), honouring ``paused`` and
     ``recording``, and keeping the parameters the offer and the data channel carry."""
 
-    def __init__(
-        self, cloud: DevCloud, pc: rtc.RTCPeerConnection, initial: Mapping[str, Any]
-    ) -> None:
+    def __init__(self, cloud: DevCloud, pc: rtc.PeerConnection, initial: Mapping[str, Any]) -> None:
         self.cloud = cloud
         self.id = uuid.uuid4().hex
         self.pc = pc
-        self.events = rtc.PeerEvents(pc)
         self.source = rtc.TrioVideoSource(idle_timeout=None)
         self.parameters: dict[str, Any] = dict(initial)
         self.close_requested = trio.Event()
@@ -85,8 +82,7 @@ class CloudSession:
     @property
     def connection_state(self) -> str:
         """The peer connection's state (``new``, ``connecting``, ``connected``, ...)."""
-        state: str = self.pc.connectionState
-        return state
+        return self.pc.state
 
     def blackholed(self) -> bool:
         until = max(self.blackhole_until, self.cloud.faults.blackhole_all_until)
@@ -105,7 +101,7 @@ class CloudSession:
         parsed = rtc.parse_ice_candidate(candidate)
         if parsed is None:
             return False
-        await rtc.add_ice_candidate(self.pc, parsed)
+        await self.pc.add_candidate(parsed)
         return True
 
     async def run(self) -> None:
@@ -124,7 +120,7 @@ class CloudSession:
                 nursery.cancel_scope.cancel()
         finally:
             self.source.stop()
-            await rtc.close_peer_connection(self.pc, SESSION_CLOSE_TIMEOUT)
+            await self.pc.close()
             self.cloud.sessions.pop(self.id, None)
             logger.info("devcloud session %s closed", self.id)
 
@@ -132,27 +128,27 @@ class CloudSession:
         deadline = self.cloud.config.connect_deadline
         state: str | None = None
         with trio.move_on_after(deadline):
-            state = await self.events.wait_state("connected", "closed", "failed")
+            state = await self.pc.wait_state("connected", "closed", "failed")
         if state is None:
             logger.warning(
                 "devcloud session %s: not connected within %g s; closing it", self.id, deadline
             )
         else:
             if state == "connected":
-                state = await self.events.wait_state("closed", "failed")
+                state = await self.pc.wait_state("closed", "failed")
             logger.info("devcloud session %s: connection %s", self.id, state)
         scope.cancel()
 
     async def _tracks(self, nursery: trio.Nursery) -> None:
-        async for track in self.events.tracks:
+        async for track in self.pc.tracks:
             if track.kind == "video":
-                nursery.start_soon(rtc.receive_video, track, self._on_frame)
+                nursery.start_soon(track.receive_video, self._on_frame)
             else:
-                nursery.start_soon(_drain, track)
+                nursery.start_soon(track.drain)
 
     async def _channels(self, nursery: trio.Nursery) -> None:
-        async for remote in self.events.channels:
-            if remote.channel.label == "parameters":
+        async for remote in self.pc.channels:
+            if remote.label == "parameters":
                 nursery.start_soon(self._parameters, remote.messages)
 
     async def _parameters(self, messages: trio.MemoryReceiveChannel[str | bytes]) -> None:
@@ -215,13 +211,6 @@ class CloudSession:
         self.cloud.frames_out += 1
 
 
-async def _drain(track: rtc.MediaStreamTrack) -> None:
-    """Consume a track we do not process, so aiortc's queue for it does not grow."""
-    with contextlib.suppress(rtc.MediaStreamError):
-        while True:
-            await rtc.aio(track.recv)
-
-
 async def open_session(
     cloud: DevCloud, sdp: str, sdp_type: str, initial: Mapping[str, Any]
 ) -> tuple[CloudSession, str, str]:
@@ -230,12 +219,12 @@ async def open_session(
     Raises ValueError for an offer that cannot be answered; the peer connection is closed
     (shielded, bounded) whenever this raises.
     """
-    pc = rtc.new_peer_connection([])
+    pc = rtc.PeerConnection([], close_timeout=SESSION_CLOSE_TIMEOUT)
     session = CloudSession(cloud, pc, initial)
     try:
-        answer = await rtc.answer_offer(pc, sdp, sdp_type, send_tracks=[session.source])
+        answer = await pc.answer(sdp, sdp_type, send_tracks=[session.source])
     except BaseException:
-        await rtc.close_peer_connection(pc, SESSION_CLOSE_TIMEOUT)
+        await pc.close()
         raise
-    rtc.install_datagram_filter(pc, session.blackholed, delay=session.latency)
+    pc.install_datagram_filter(session.blackholed, delay=session.latency)
     return session, answer.sdp, answer.type
