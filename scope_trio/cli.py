@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         help="pipeline of the embedded dev cloud used when no cloud is configured (invert)",
     )
     parser.add_argument(
+        "--frontend",
+        metavar="DIR",
+        default=None,
+        help="serve a built Scope frontend (its dist folder) at /; our status page is at /status",
+    )
+    parser.add_argument(
         "--log-level",
         default=None,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -143,6 +149,7 @@ def serve_main(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
             cors_origins=tuple(args.cors_origin) or None,
             devcloud_pipeline=args.devcloud_pipeline,
             log_level=args.log_level,
+            frontend=args.frontend,
             log_json=args.log_json,
         )
     except ValueError as exc:  # ConfigError, or a CloudSettings value

@@ -105,6 +105,10 @@ class ServerConfig:
     log_json: bool = False
     relay_fps: float = 30.0
     """Rate of the video the relay sends to the browser."""
+    frontend: str | None = None
+    """A built Scope frontend (its ``dist`` folder), served at ``/``; our page is at ``/status``."""
+    log_ring_bytes: int = 4 * MIB
+    """Memory for the recent log lines that ``/api/v1/logs/tail`` and ``logs/current`` serve."""
     cloud: CloudSettings = field(default_factory=CloudSettings)
     """Where the cloud is; with nothing configured the embedded dev cloud is used."""
     reconnect: ReconnectPolicy = field(default_factory=ReconnectPolicy)
@@ -130,6 +134,13 @@ class ServerConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"server.{name}: must be a positive number, got {value!r}")
+        if self.log_ring_bytes < 1:
+            raise ConfigError(f"server.log_ring_bytes: must be positive, got {self.log_ring_bytes}")
+        if self.frontend is not None and not (Path(self.frontend) / "index.html").is_file():
+            raise ConfigError(
+                f"server.frontend: {self.frontend!r} has no index.html (give a built Scope "
+                "frontend: the folder `npm run build` writes, usually frontend/dist)"
+            )
         if self.max_body_bytes < 1:
             raise ConfigError(f"server.max_body_bytes: must be positive, got {self.max_body_bytes}")
         _check_link(self.link)
@@ -200,6 +211,8 @@ DOCS: dict[str, str] = {
     "server.log_level": "`DEBUG`, `INFO`, `WARNING`, `ERROR`",
     "server.log_json": "one JSON object per log line",
     "server.relay_fps": "frame rate of the video sent to the browser",
+    "server.frontend": "a built Scope frontend folder served at `/` (our status page moves to `/status`)",
+    "server.log_ring_bytes": "memory for the recent log lines served at `/api/v1/logs/*`",
     "cloud.app_id": "the cloud app (`wss://fal.run/{app_id}/ws`)",
     "cloud.api_key": "sent only as `Authorization: Key ...`; never shown",
     "cloud.ws_url": "the signaling URL verbatim (wins over the app id)",

@@ -31,10 +31,11 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import hypercorn.trio
 import trio
@@ -44,6 +45,7 @@ from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings
 from scope_trio.config import ServerConfig
 from scope_trio.http.app import BrowserRelay, ScopeApp, create_app
+from scope_trio.ops.logring import LogRing
 from scope_trio.ops.metrics import ServerMetrics
 from scope_trio.relay.relay import Relay
 
@@ -151,12 +153,36 @@ async def _serve_http(
     sse_keepalive: float | None,
 ) -> AsyncIterator[tuple[str, ScopeApp, ServerMetrics]]:
     """Hypercorn and the metrics observer for the block; on exit, steps 1-3 of the shutdown."""
+    log_ring = LogRing(config.log_ring_bytes, secrets=[config.cloud.api_key])
+    with _attached(log_ring):
+        async with _serve_app(config, manager, relay, sse_keepalive, log_ring) as served:
+            yield served
+
+
+@contextlib.contextmanager
+def _attached(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the root logger for the block (the log ring sees every server line)."""
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+@contextlib.asynccontextmanager
+async def _serve_app(
+    config: ServerConfig,
+    manager: CloudManager,
+    relay: BrowserRelay,
+    sse_keepalive: float | None,
+    log_ring: LogRing,
+) -> AsyncIterator[tuple[str, ScopeApp, ServerMetrics]]:
     stop_http = trio.Event()
     http_done = trio.Event()
     async with trio.open_nursery() as services:
         metrics = ServerMetrics(manager, relay if isinstance(relay, Relay) else None)
         await services.start(metrics.run)  # subscribed before anything can change
-        options = {} if sse_keepalive is None else {"sse_keepalive": sse_keepalive}
         app = create_app(
             manager,
             relay,
@@ -164,7 +190,9 @@ async def _serve_http(
             cors_origins=config.cors_origins,
             max_body_bytes=config.max_body_bytes,
             metrics=metrics,
-            **options,
+            frontend_dir=Path(config.frontend) if config.frontend else None,
+            log_ring=log_ring,
+            **({} if sse_keepalive is None else {"sse_keepalive": sse_keepalive}),
         )
         hyper = HypercornConfig()
         hyper.bind = [_bind(config.host, config.port)]

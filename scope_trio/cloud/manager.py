@@ -197,6 +197,8 @@ class CloudManager:
         self._link_options = dict(link_options or {})
         self.supervisor = SessionSupervisor(nursery, self._new_session, policy)
         self.media_stats = MediaStats()
+        self._offers_base = (0, 0)
+        """The offer counters at the last successful connect (the status counts from it)."""
         self._link: CloudLink | None = None
         self._link_scope: trio.CancelScope | None = None
         self._link_done: trio.Event | None = None
@@ -275,8 +277,8 @@ class CloudManager:
         sent, ok = cloud.stats.sent, cloud.stats.successful
         return CloudStats(
             uptime_seconds=round(cloud.uptime, 3),
-            webrtc_offers_sent=self.media_stats.offers_sent,
-            webrtc_offers_successful=self.media_stats.offers_successful,
+            webrtc_offers_sent=self.media_stats.offers_sent - self._offers_base[0],
+            webrtc_offers_successful=self.media_stats.offers_successful - self._offers_base[1],
             webrtc_ice_candidates_sent=sent["icecandidate"],
             api_requests_sent=sent["api"],
             api_requests_successful=ok["api"],
@@ -391,6 +393,9 @@ class CloudManager:
             if self._link_scope is not scope:  # pragma: no cover - replaced meanwhile
                 return link
             self._link = link
+            # Scope's signalling counters count from each successful connect (the link's own
+            # counters are per link already); the frame counters never reset.
+            self._offers_base = (self.media_stats.offers_sent, self.media_stats.offers_successful)
             state = self._state
             self._set(
                 connected=True,

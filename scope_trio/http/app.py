@@ -10,9 +10,12 @@ by concern:
 ``asgi``                the app class, the connection wrapper, body limits, CORS, errors,
                         the redactor, deadlines
 ``models``              request and response models (CloudStatus comes from the cloud layer)
-``openapi``             routes as data, and the OpenAPI document built from them
+``openapi``             routes as data (with how each is forwarded), the OpenAPI document
+``proxy``               forwarding a route to the cloud and mapping the cloud's answer
 ``sse``                 the event streams
-``routes/*``            the handlers: cloud link, WebRTC, pipeline, operations
+``routes/*``            the handlers: cloud link, WebRTC, pipelines, library (LoRAs,
+                        assets, plugins, recordings), local (hardware, OSC, input sources,
+                        keys, logs), operations (health, pages, the frontend)
 ``static/``             the status page
 ======================  ==================================================================
 
@@ -34,6 +37,10 @@ Decisions where Scope's API is silent or where we differ (each is tested):
   :class:`~scope_trio.core.supervisor.SupervisorError` while starting the cloud session is **502**.
 * ``GET /api/v1/webrtc/ice-servers`` without a cloud link answers ``{"iceServers": []}``: the
   browser talks to this server, normally over loopback, and the machine may be offline.
+* The routes Scope forwards to the cloud are forwarded while connected
+  (:mod:`scope_trio.http.proxy`, driven by each route's ``forward``); not connected, every
+  route answers what is true on a server with no GPU, and what cannot work says why in a
+  400. ``docs/api.md`` lists every route in both states.
 * Beyond Scope: ``GET /api/v1/cloud/events`` (Server-Sent Events of CloudStatus),
   ``GET /api/v1/config`` (what the status page needs to know), ``GET /openapi.json``,
   ``GET /metrics`` (Prometheus, :mod:`scope_trio.ops.metrics`) and the status page at ``/``.
@@ -45,10 +52,13 @@ through :class:`~scope_trio.http.asgi.Redactor`, which replaces any key it has s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
+from quart import Response
 
 from scope_trio.cloud.manager import CloudManager
 from scope_trio.http.asgi import (
@@ -64,11 +74,15 @@ from scope_trio.http.asgi import (
 )
 from scope_trio.http.openapi import Route
 from scope_trio.http.openapi import openapi_document as _openapi_document
+from scope_trio.http.proxy import forwarding_view
 from scope_trio.http.routes.base import BrowserRelay, Context, RouteGroup
 from scope_trio.http.routes.cloud import CloudRoutes
+from scope_trio.http.routes.library import LibraryRoutes
+from scope_trio.http.routes.local import LocalRoutes
 from scope_trio.http.routes.ops import OpsRoutes
 from scope_trio.http.routes.pipeline import PipelineRoutes
 from scope_trio.http.routes.webrtc import PIPELINE_NOT_LOADED, WebRTCRoutes
+from scope_trio.ops.logring import LogRing
 from scope_trio.ops.metrics import ServerMetrics
 
 __all__ = [
@@ -88,7 +102,14 @@ __all__ = [
 
 SSE_KEEPALIVE = 15.0
 
-GROUPS: tuple[type[RouteGroup], ...] = (OpsRoutes, CloudRoutes, WebRTCRoutes, PipelineRoutes)
+GROUPS: tuple[type[RouteGroup], ...] = (
+    OpsRoutes,
+    CloudRoutes,
+    WebRTCRoutes,
+    PipelineRoutes,
+    LibraryRoutes,
+    LocalRoutes,
+)
 ROUTES: tuple[Route, ...] = tuple(route for group in GROUPS for route in group.ROUTES)
 """Every route the app registers (and documents), in registration order."""
 
@@ -107,11 +128,17 @@ def create_app(
     max_body_bytes: int = MIB,
     sse_keepalive: float = SSE_KEEPALIVE,
     metrics: ServerMetrics | None = None,
+    frontend_dir: Path | None = None,
+    log_ring: LogRing | None = None,
 ) -> ScopeApp:
     """The HTTP API over ``manager`` and ``relay`` (see the module docstring).
 
     ``cors_origins``: origins allowed cross-origin (``"*"``: any); empty disables CORS.
     ``metrics`` is served at ``GET /metrics`` (404 without); its owner runs its observer.
+    ``frontend_dir``: a built Scope frontend, served at ``/`` and for every GET no route
+    takes (the status page moves to ``/status``).
+    ``log_ring`` serves ``/api/v1/logs/*``; its owner attaches it to the logging tree. Without
+    one, the app keeps its own ring, attached to the root logger while the app is served.
     Call :meth:`ScopeApp.begin_shutdown` before stopping the server, to end event streams.
     """
     app = ScopeApp(__name__, static_folder="static", static_url_path="/static")
@@ -121,8 +148,17 @@ def create_app(
     app.redact = Redactor()
     app.redact.add(manager.settings.api_key)
     app.debug_endpoints = debug_endpoints
-    app.health_forwarded = lambda: False
-    ctx = Context(app, manager, relay, sse_keepalive=sse_keepalive, metrics=metrics)
+    app.health_forwarded = lambda: manager.link_state.connected
+    ring = log_ring if log_ring is not None else _own_ring(app)
+    ctx = Context(
+        app,
+        manager,
+        relay,
+        sse_keepalive=sse_keepalive,
+        metrics=metrics,
+        log_ring=ring,
+        frontend_dir=frontend_dir,
+    )
     ctx.openapi_doc = openapi_document()
     Plumbing(app, max_body_bytes=max_body_bytes).install()
     Cors(frozenset(cors_origins)).install(app)
@@ -132,7 +168,48 @@ def create_app(
             app.add_url_rule(
                 route.rule,
                 endpoint=f"{group_class.__name__}.{route.handler}",
-                view_func=getattr(group, route.handler),
+                view_func=_view(app, manager, group, route),
                 methods=[route.method],
             )
+        if isinstance(group, OpsRoutes) and frontend_dir is not None:
+            # Scope's catch-all; registered only with a frontend, so without one an unknown
+            # path stays a 404 (and a wrong method on it is not a 405).
+            app.add_url_rule(
+                "/<path:path>", endpoint="frontend", view_func=group.frontend, methods=["GET"]
+            )
     return app
+
+
+def _view(
+    app: ScopeApp, manager: CloudManager, group: RouteGroup, route: Route
+) -> Callable[..., Awaitable[Response]]:
+    handler: Callable[..., Awaitable[Response]] = getattr(group, route.handler)
+    spec = route.forward
+    if spec is None:
+        return handler
+    return forwarding_view(
+        app,
+        manager,
+        route.method,
+        spec,
+        handler,
+        request_model=route.request,
+        request_required=route.request_required,
+        prepare=getattr(group, spec.prepare) if spec.prepare else None,
+        finish=getattr(group, spec.finish) if spec.finish else None,
+    )
+
+
+def _own_ring(app: ScopeApp) -> LogRing:
+    """A ring of the app's own, on the root logger from start-up to shutdown of serving."""
+    ring = LogRing()
+
+    @app.before_serving
+    async def attach() -> None:
+        logging.getLogger().addHandler(ring)
+
+    @app.after_serving
+    async def detach() -> None:
+        logging.getLogger().removeHandler(ring)
+
+    return ring

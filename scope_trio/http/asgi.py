@@ -114,6 +114,7 @@ _FROM_MEMORY = frozenset(
         "/api/v1/config",
         "/api/v1/cloud/status",
         "/api/v1/cloud/stats",
+        "/api/v1/logs/tail",  # Scope's frontend polls it every 2 s from page load
     }
 )
 

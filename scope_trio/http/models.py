@@ -157,3 +157,193 @@ class PipelineStatus(BaseModel):
 class ServerInfo(BaseModel):
     version: str
     debug_endpoints: bool
+
+
+# ------------------------------------------------- the rest of Scope's API (request bodies)
+
+
+class ModelsDownloadRequest(BaseModel):
+    """``POST /api/v1/models/download``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pipeline_id: str = Field(min_length=1)
+
+
+class WorkflowSource(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    plugin_name: str | None = None
+    plugin_version: str | None = None
+    package_spec: str | None = None
+
+
+class WorkflowLora(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    filename: str
+    provenance: dict[str, Any] | None = None
+
+
+class WorkflowPipeline(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    pipeline_id: str
+    source: WorkflowSource
+    loras: list[WorkflowLora] = []
+
+
+class WorkflowRequest(BaseModel):
+    """``POST /api/v1/workflow/resolve``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    pipelines: list[WorkflowPipeline]
+    min_scope_version: str | None = None
+
+
+class LoraInstallRequest(BaseModel):
+    """``POST /api/v1/loras``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    filename: str | None = None
+
+
+class LoraDownloadRequest(BaseModel):
+    """``POST /api/v1/lora/download``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: Literal["huggingface", "civitai", "url"]
+    repo_id: str | None = None
+    hf_filename: str | None = None
+    model_id: str | None = None
+    version_id: str | None = None
+    url: str | None = None
+    subfolder: str | None = None
+    expected_sha256: str | None = None
+    civitai_token: str | None = None
+
+
+class ProvenanceRequest(BaseModel):
+    """``PUT /api/v1/lora/{filename}/provenance``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    source: Literal["huggingface", "civitai", "url", "local"]
+
+
+class PluginReloadRequest(BaseModel):
+    """``POST /api/v1/plugins/{name}/reload``."""
+
+    force: bool = False
+
+
+class OscSettingsRequest(BaseModel):
+    """``PUT /api/v1/osc/settings``."""
+
+    log_all_messages: bool
+
+
+class KeyRequest(BaseModel):
+    """``PUT /api/v1/keys/{service_id}``."""
+
+    value: str = Field(min_length=1)
+
+
+# ------------------------------------------------ the rest of Scope's API (response shapes)
+
+
+class PipelineSchemas(BaseModel):
+    pipelines: dict[str, dict[str, Any]]
+    """Pipeline id → its schema (the cloud's; none locally)."""
+
+
+class ModelsStatus(BaseModel):
+    downloaded: bool
+    progress: dict[str, Any] | None = None
+
+
+class HardwareInfo(BaseModel):
+    vram_gb: float | None = None
+    spout_available: bool = False
+    ndi_available: bool = False
+    syphon_available: bool = False
+
+
+class LoraFiles(BaseModel):
+    lora_files: list[dict[str, Any]]
+
+
+class Assets(BaseModel):
+    assets: list[dict[str, Any]]
+
+
+class Plugins(BaseModel):
+    plugins: list[dict[str, Any]]
+    total: int
+    failed_plugins: list[dict[str, Any]] = []
+
+
+class WorkflowItem(BaseModel):
+    kind: Literal["pipeline", "plugin", "lora"]
+    name: str
+    status: Literal["ok", "missing", "version_mismatch"]
+    detail: str | None = None
+    action: str | None = None
+    can_auto_resolve: bool
+
+
+class WorkflowResolution(BaseModel):
+    can_apply: bool
+    items: list[WorkflowItem]
+    warnings: list[str]
+
+
+class Message(BaseModel):
+    message: str
+
+
+class OscStatus(BaseModel):
+    enabled: bool
+    listening: bool
+    port: int | None
+    host: str | None
+    log_all_messages: bool
+
+
+class OscPaths(BaseModel):
+    active: list[dict[str, Any]]
+    available: list[dict[str, Any]]
+    active_pipeline_ids: list[str]
+
+
+class InputSources(BaseModel):
+    input_sources: list[dict[str, Any]]
+
+
+class ApiKeyInfo(BaseModel):
+    id: str
+    name: str
+    description: str
+    is_set: bool
+    source: Literal["env_var", "stored"] | None
+    env_var: str | None
+    key_url: str | None
+
+
+class ApiKeys(BaseModel):
+    keys: list[ApiKeyInfo]
+
+
+class KeyResult(BaseModel):
+    success: bool
+    message: str
+
+
+class LogTail(BaseModel):
+    lines: list[str]
+    offset: int

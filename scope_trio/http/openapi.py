@@ -11,15 +11,37 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import TypeAdapter
 
 from scope_trio import __version__
+from scope_trio.http.models import ErrorResponse
 
-__all__ = ["Route", "openapi_document"]
+__all__ = ["Forward", "Route", "openapi_document"]
 
 _PARAM = re.compile(r"\{(\w+)(?::path)?\}")
+
+
+@dataclass(frozen=True)
+class Forward:
+    """How a route is forwarded to the cloud while connected (:mod:`scope_trio.http.proxy`)."""
+
+    timeout: float = 30.0
+    """Seconds to wait for the cloud's answer (Scope's per-route timeout)."""
+    body: Literal["json", "none"] = "none"
+    """Whether the request's JSON body goes along (POST/PATCH/PUT: ``json``)."""
+    required_query: tuple[str, ...] = ()
+    """Query parameters checked (400 when missing) before forwarding, as Scope's
+    validation does."""
+    prepare: str | None = None
+    """A group method ``(path, body, **path_params) -> (path, body)`` that rewrites the
+    request first (token injection, path resolution)."""
+    finish: str | None = None
+    """A group method ``(data) -> data`` applied to a successful JSON answer."""
+    fallback_local: bool = False
+    """On any failure, answer locally instead (``/health``: a liveness probe never fails
+    because the cloud is slow)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,9 @@ class Route:
     request_required: bool = True
     query: tuple[str, ...] = ()
     """Query parameters worth documenting."""
+    forward: Forward | None = None
+    """Set for a route the cloud answers while connected (:mod:`scope_trio.http.proxy`);
+    ``handler`` then names the answer given while not connected."""
 
     @property
     def rule(self) -> str:
@@ -87,11 +112,21 @@ def openapi_document(routes: tuple[Route, ...]) -> dict[str, Any]:
 
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
+        summary = route.summary
+        if route.forward is not None:
+            summary += f" (forwarded to the cloud while connected, {route.forward.timeout:g} s)"
         operation: dict[str, Any] = {
-            "summary": route.summary,
+            "summary": summary,
             "operationId": route.operation_id,
             "responses": {str(s): response(s, body) for s, body in route.responses.items()},
         }
+        if route.params and "404" not in operation["responses"]:
+            # A parameter value the router cannot take (say, a control character) is a 404.
+            operation["responses"]["404"] = response(404, ErrorResponse)
+        if route.forward is not None:
+            # While connected, the cloud's own error status is passed through.
+            for status_range in ("4XX", "5XX"):
+                operation["responses"][status_range] = response(400, ErrorResponse)
         parameters = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in route.params

@@ -170,8 +170,8 @@ class TextFormatter(logging.Formatter):
     :class:`ContextFilter` too (no ids then).
     """
 
-    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, secrets: Iterable[str | None] = (), fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
         self._secrets = _secrets(secrets)
 
     def formatMessage(self, record: logging.LogRecord) -> str:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 from quart import Response
 
 from scope_trio.cloud.manager import CloudManager
-from scope_trio.http.asgi import ScopeApp
+from scope_trio.http.asgi import ApiError, ScopeApp
 from scope_trio.http.openapi import Route
+from scope_trio.ops.logring import LogRing
 from scope_trio.ops.metrics import ServerMetrics
 
-__all__ = ["BrowserRelay", "Context", "RouteGroup"]
+__all__ = ["BrowserRelay", "Context", "RouteGroup", "needs_cloud", "not_supported"]
 
 
 class BrowserRelay(Protocol):
@@ -58,6 +60,11 @@ class Context:
     relay: BrowserRelay
     sse_keepalive: float
     metrics: ServerMetrics | None = None
+    log_ring: LogRing = field(default_factory=LogRing)
+    frontend_dir: Path | None = None
+    """A built Scope frontend to serve at ``/`` (else the status page is there)."""
+    keys: dict[str, str] = field(default_factory=dict)
+    """API keys stored over ``PUT /api/v1/keys/{service}``, for this run only."""
     started_at: float = field(default_factory=time.time)
     openapi_doc: dict[str, Any] = field(default_factory=dict)
 
@@ -72,3 +79,17 @@ class RouteGroup:
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+
+
+def needs_cloud(what: str) -> ApiError:
+    """The 400 of a route that only the cloud can serve, asked while not connected."""
+    return ApiError(
+        400,
+        f"{what} needs the cloud: scope-trio has no local GPU and runs pipelines only in the "
+        "cloud. Turn on remote inference (POST /api/v1/cloud/connect) first.",
+    )
+
+
+def not_supported(what: str, why: str) -> ApiError:
+    """The 400 of a route of Scope's API that this server does not serve, and why."""
+    return ApiError(400, f"{what} is not supported by scope-trio: {why}")

@@ -1,4 +1,11 @@
-"""Operational routes: health, the status page and its settings, OpenAPI, metrics."""
+"""Operational routes: health, the status page and its settings, OpenAPI, metrics, and the
+frontend.
+
+With a built Scope frontend (``create_app(..., frontend_dir=...)``), ``/`` and every GET that
+no other route takes serve it as Scope does: the file at that path if there is one, else
+``index.html`` with no-cache headers. The status page is always at ``/status``, and also at
+``/`` when no frontend is given.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +13,33 @@ import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
-from quart import Response
+from quart import Response, send_file
 
 from scope_trio import __version__
 from scope_trio.http.asgi import ApiError
 from scope_trio.http.models import ErrorResponse, HealthResponse, ServerInfo
-from scope_trio.http.openapi import Route
+from scope_trio.http.openapi import Forward, Route
 from scope_trio.http.routes.base import Context, RouteGroup
 from scope_trio.ops.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
-__all__ = ["OpsRoutes", "git_commit"]
+__all__ = ["NO_CACHE", "OpsRoutes", "frontend_index", "git_commit"]
+
+NO_CACHE = {
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "Expires": "0",
+}
+"""The headers of a frontend's ``index.html``: never cached, so a new build is seen at once
+(its other files carry content hashes in their names)."""
+
+
+async def frontend_index(frontend_dir: Path) -> Response:
+    index = frontend_dir / "index.html"
+    if not index.is_file():
+        raise ApiError(404, "Frontend not built: no index.html in the frontend directory")
+    response = await send_file(index)
+    response.headers.update(NO_CACHE)
+    return response
 
 
 def git_commit() -> str:
@@ -44,7 +68,14 @@ def git_commit() -> str:
 
 class OpsRoutes(RouteGroup):
     ROUTES = (
-        Route("GET", "/health", "health", "Health check", {200: HealthResponse}),
+        Route(
+            "GET",
+            "/health",
+            "health",
+            "Health check (the cloud server's while connected; this server's if it fails)",
+            {200: HealthResponse},
+            forward=Forward(30.0, fallback_local=True),
+        ),
         Route("GET", "/api/v1/config", "config", "Server settings for the UI", {200: ServerInfo}),
         Route("GET", "/openapi.json", "openapi", "This document", {200: "application/json"}),
         Route(
@@ -54,7 +85,14 @@ class OpsRoutes(RouteGroup):
             "Prometheus metrics (text format 0.0.4); 404 when the server keeps none",
             {200: "text/plain", 404: ErrorResponse},
         ),
-        Route("GET", "/", "index", "The status page", {200: "text/html"}),
+        Route(
+            "GET",
+            "/",
+            "index",
+            "Scope's frontend if one is served, else the status page",
+            {200: "text/html"},
+        ),
+        Route("GET", "/status", "status_page", "The status page", {200: "text/html"}),
     )
 
     def __init__(self, ctx: Context) -> None:
@@ -73,9 +111,29 @@ class OpsRoutes(RouteGroup):
         )
 
     async def index(self) -> Response:
+        if self.ctx.frontend_dir is not None:
+            return await frontend_index(self.ctx.frontend_dir)
+        return await self.status_page()
+
+    async def status_page(self) -> Response:
         response = await self.ctx.app.send_static_file("index.html")
         response.headers["Cache-Control"] = "no-cache"
         return response
+
+    async def frontend(self, path: str) -> Response:
+        """Scope's catch-all: a file of the frontend, else its ``index.html`` (client-side
+        routing). Unknown API paths stay 404s rather than turning into a page."""
+        frontend_dir = self.ctx.frontend_dir
+        if frontend_dir is None or path.startswith(("api/", "static/")):
+            raise ApiError(404, "Not Found")
+        try:
+            candidate = (frontend_dir / path).resolve()
+            is_file = candidate.is_relative_to(frontend_dir.resolve()) and candidate.is_file()
+        except (OSError, ValueError):
+            is_file = False
+        if is_file:
+            return await send_file(candidate)
+        return await frontend_index(frontend_dir)
 
     async def openapi(self) -> Response:
         return self.ctx.json(self.ctx.openapi_doc)
