@@ -202,6 +202,8 @@ class MediaClient:
     session_id: str = ""
     frames_received: int = 0
     feeding: bool = True
+    halves: tuple[int, int] = (0, 255)
+    """Grey levels of the left and right halves of the frames :meth:`feed` sends."""
 
     def __post_init__(self) -> None:
         self._frames_send, self.frames = trio.open_memory_channel[VideoFrame](math.inf)
@@ -222,7 +224,7 @@ class MediaClient:
     async def feed(self, size: int = 128) -> None:
         while True:
             if self.feeding:
-                self.source.push(rgb_frame(size, size, 0, 255))
+                self.source.push(rgb_frame(size, size, *self.halves))
             await trio.sleep(1 / 30)
 
 
@@ -230,8 +232,16 @@ async def start_media(
     signaling: Signaling,
     nursery: trio.Nursery,
     initial_parameters: dict[str, Any] | None = None,
+    *,
+    send_video: bool = True,
+    direction: str = "recvonly",
 ) -> MediaClient:
-    """Offer through ``signaling``, connect, and start feeding and receiving in ``nursery``."""
+    """Offer through ``signaling``, connect, and start feeding and receiving in ``nursery``.
+
+    ``send_video=False`` offers like a browser in text mode: one video transceiver with no
+    track, in ``direction`` (``recvonly``, or ``sendrecv`` as a browser's default), and
+    nothing is fed.
+    """
     pc = raw.new_peer_connection([])
     client = MediaClient(
         pc=pc,
@@ -239,7 +249,10 @@ async def start_media(
         source=rtc.TrioVideoSource(fps=30, idle_timeout=None),
         parameters=pc.createDataChannel("parameters", ordered=True),
     )
-    pc.addTrack(client.source)
+    if send_video:
+        pc.addTrack(client.source)
+    else:
+        pc.addTransceiver("video", direction=direction)
     try:
         offer = await raw.create_offer(pc)
         fields: dict[str, Any] = {"sdp": offer.sdp, "sdp_type": offer.type}
@@ -255,5 +268,6 @@ async def start_media(
         await raw.close_peer_connection(pc)
         raise
     nursery.start_soon(tracks.receive_video, track, client.deliver)
-    nursery.start_soon(client.feed)
+    if send_video:
+        nursery.start_soon(client.feed)
     return client

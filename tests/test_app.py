@@ -586,6 +586,9 @@ async def test_pipeline_routes_pass_the_clouds_status_and_body_through() -> None
             "status": "loaded",
             "pipeline_id": "passthrough",
             "load_params": None,
+            "loaded_lora_adapters": [],
+            "error": None,
+            "loading_stage": None,
         }
         load = {"pipeline_ids": ["invert"], "load_params": {"height": 512}}
         response = await s.http.post("/api/v1/pipeline/load", json=load)
@@ -597,6 +600,9 @@ async def test_pipeline_routes_pass_the_clouds_status_and_body_through() -> None
             "status": "loaded",
             "pipeline_id": "invert",
             "load_params": {"height": 512},
+            "loaded_lora_adapters": [],
+            "error": None,
+            "loading_stage": None,
         }
         response = await s.http.post("/api/v1/pipeline/load", json={"pipeline_ids": ["nope"]})
         assert (response.status_code, response.json()) == (

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import av
 import pytest
 import trio
 import trio_websocket
+from av import VideoFrame
 from devcloud_client import (
     MediaClient,
     Signaling,
     control,
     fault,
     luma_halves,
+    mean_luma,
     open_signaling,
     rgb_frame,
     running_devcloud,
@@ -26,6 +31,7 @@ from devcloud_client import (
 
 from scope_trio import rtc
 from scope_trio.dev import devcloud
+from scope_trio.dev.devcloud.pipelines import pattern_frame
 from scope_trio.rtc import raw
 
 # Generous: real media on a loaded 2-core machine.
@@ -160,7 +166,7 @@ async def test_denied_user_and_require_user_id(aio_loop: object) -> None:
 
 
 async def test_pipeline_api(aio_loop: object) -> None:
-    async with running_devcloud(load_seconds=0.3) as base_url:
+    async with running_devcloud(load_seconds=1.0) as base_url:
         with trio.fail_after(DEADLINE):
             async with open_signaling(base_url) as sig:
 
@@ -180,21 +186,136 @@ async def test_pipeline_api(aio_loop: object) -> None:
                     "status": "loading",
                     "pipeline_id": "invert",
                     "load_params": {"height": 512},
+                    "loaded_lora_adapters": None,
+                    "error": None,
+                    "loading_stage": "Loading pipeline weights",
                 }
+                stages = [status["loading_stage"]]
                 while status["status"] == "loading":
-                    await trio.sleep(0.05)
+                    await trio.sleep(0.02)
                     status = (await api("GET", "/api/v1/pipeline/status"))["data"]
-                assert status["status"] == "loaded"
+                    if status["loading_stage"] != stages[-1]:
+                        stages.append(status["loading_stage"])
+                assert stages == ["Loading pipeline weights", "Warming up", None]
+                assert status == {
+                    "status": "loaded",
+                    "pipeline_id": "invert",
+                    "load_params": {"height": 512},
+                    "loaded_lora_adapters": [],
+                    "error": None,
+                    "loading_stage": None,
+                }
                 assert (await state(base_url))["pipeline"] == "invert"
 
                 reply = await api("POST", "/api/v1/pipeline/load", {"pipeline_ids": ["nope"]})
                 assert reply["status"] == 400
                 assert "nope" in reply["error"]
                 assert (await api("POST", "/api/v1/pipeline/load", {}))["status"] == 422
+                reply = await api("POST", "/api/v1/pipeline/load", {"pipeline_ids": []})
+                assert (reply["status"], reply["error"]) == (
+                    400,
+                    "pipeline_ids must be provided and cannot be empty",
+                )
                 assert (await api("POST", "/api/v1/pipeline/load", None))["status"] == 422
                 assert (await api("DELETE", "/api/v1/pipeline/load"))["status"] == 405
                 assert (await api("GET", "/api/v1/elsewhere"))["status"] == 404
                 assert (await sig.request("api", path=7))["status"] == 404
+
+
+async def _api(sig: Signaling, method: str, path: str, body: object = None) -> dict[str, Any]:
+    """One ``api`` request; returns the ``api_response``."""
+    fields: dict[str, Any] = {"method": method, "path": path}
+    if body is not None:
+        fields["body"] = body
+    reply = await sig.request("api", **fields)
+    assert reply["type"] == "api_response", reply
+    return reply
+
+
+async def _ok(sig: Signaling, method: str, path: str, body: object = None) -> Any:
+    """The ``data`` of a 200 ``api_response``."""
+    reply = await _api(sig, method, path, body)
+    assert reply["status"] == 200, reply
+    return reply["data"]
+
+
+async def test_api_answers_what_the_frontend_reads(url: str) -> None:
+    """Every read-only route Scope's frontend calls through the proxy, with the fields it
+    reads; mutating routes that cannot work here answer a 4xx naming why."""
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig:
+            schemas = (await _ok(sig, "GET", "/api/v1/pipelines/schemas"))["pipelines"]
+            assert list(schemas) == ["passthrough", "invert", "pattern"]
+            for pipeline_id, schema in schemas.items():
+                assert schema["id"] == pipeline_id
+                assert schema["default_mode"] in schema["supported_modes"]
+                assert schema["requires_models"] is False
+                assert schema["plugin_name"] is None
+                assert schema["usage"] == []
+                properties = schema["config_schema"]["properties"]
+                assert properties["height"]["default"] >= schema["min_dimension"]
+                assert properties["width"]["ui"]["is_load_param"] is True
+            assert schemas["invert"]["supported_modes"] == ["video"]
+            assert schemas["invert"]["supports_prompts"] is False
+            assert "mode_defaults" not in schemas["invert"]
+            pattern = schemas["pattern"]
+            assert (pattern["default_mode"], pattern["supports_prompts"]) == ("text", True)
+            assert pattern["mode_defaults"] == {"text": {"width": 320, "height": 240}}
+
+            health = await _ok(sig, "GET", "/health?_t=123")
+            assert health["status"] == "healthy"
+            assert {"timestamp", "server_start_time", "version", "git_commit"} <= set(health)
+            assert (await _ok(sig, "GET", "/health"))["server_start_time"] == health[
+                "server_start_time"
+            ]
+            assert await _ok(sig, "GET", "/api/v1/hardware/info") == {
+                "vram_gb": 24.0,
+                "spout_available": False,
+                "ndi_available": False,
+                "syphon_available": False,
+            }
+            models = await _ok(sig, "GET", "/api/v1/models/status?pipeline_id=pattern")
+            assert models == {"downloaded": True, "progress": None}
+            reply = await _api(sig, "GET", "/api/v1/models/status?pipeline_id=nope")
+            assert (reply["status"], reply["error"]) == (404, "Unknown pipeline: nope")
+            assert (await _api(sig, "GET", "/api/v1/models/status"))["status"] == 422
+            download = await _ok(sig, "POST", "/api/v1/models/download", {"pipeline_id": "invert"})
+            assert "already downloaded" in download["message"]
+            assert await _ok(sig, "GET", "/api/v1/loras") == {"lora_files": []}
+            assert await _ok(sig, "GET", "/api/v1/plugins") == {
+                "plugins": [],
+                "total": 0,
+                "failed_plugins": [],
+            }
+            assert await _ok(sig, "GET", "/api/v1/assets?type=image") == {"assets": []}
+            assert (await _api(sig, "GET", "/api/v1/assets?type=audio"))["status"] == 422
+            workflow = {
+                "pipelines": [
+                    {"pipeline_id": "invert", "source": {"type": "builtin"}, "loras": []},
+                    {"pipeline_id": "longlive", "source": {"type": "builtin"}, "loras": []},
+                ]
+            }
+            resolved = await _ok(sig, "POST", "/api/v1/workflow/resolve", workflow)
+            assert resolved["can_apply"] is False
+            assert [(i["name"], i["status"]) for i in resolved["items"]] == [
+                ("invert", "ok"),
+                ("longlive", "missing"),
+            ]
+
+            refused: list[tuple[str, str, object, int]] = [
+                ("POST", "/api/v1/loras", {"url": "https://huggingface.co/x.safetensors"}, 400),
+                ("DELETE", "/api/v1/loras/style%20a", None, 404),
+                ("POST", "/api/v1/plugins", {"package": "evil"}, 403),
+                ("DELETE", "/api/v1/plugins/nope", None, 404),
+            ]
+            for method, path, body, status in refused:
+                reply = await _api(sig, method, path, body)
+                assert reply["status"] == status, reply
+                assert reply["error"]
+                assert "data" not in reply
+            reply = await _api(sig, "DELETE", "/api/v1/loras/style%20a")
+            assert reply["error"] == "LoRA file 'style a' not found"
+            assert (await _api(sig, "PUT", "/api/v1/loras"))["status"] == 405
 
 
 async def test_offer_errors_keep_connection(url: str) -> None:
@@ -314,6 +435,204 @@ async def test_trickled_candidates(url: str) -> None:
             finally:
                 await raw.close_peer_connection(client.pc)
                 nursery.cancel_scope.cancel()
+
+
+def test_pattern_frame_follows_the_prompt_and_moves() -> None:
+    frame = pattern_frame("a red fox", 0.0, 64, 32)
+    assert (frame.format.name, frame.width, frame.height) == ("rgb24", 64, 32)
+    again = pattern_frame("a red fox", 0.0, 64, 32)
+    assert bytes(frame.planes[0]) == bytes(again.planes[0]), "same prompt and time: same frame"
+    later = pattern_frame("a red fox", 0.5, 64, 32)
+    assert bytes(frame.planes[0]) != bytes(later.planes[0]), "the stripes move"
+    other = pattern_frame("a blue whale", 0.0, 64, 32)
+    assert bytes(frame.planes[0]) != bytes(other.planes[0]), "another prompt, another pattern"
+
+
+def _distinct_prompts() -> tuple[str, str]:
+    """Two prompts whose patterns differ clearly in mean luma (picked, not hoped for)."""
+    words = [f"prompt {i}" for i in range(40)]
+    lumas = {w: mean_luma(pattern_frame(w, 0.0, 160, 96)) for w in words}
+    dark, bright = min(lumas, key=lumas.__getitem__), max(lumas, key=lumas.__getitem__)
+    assert lumas[bright] - lumas[dark] > 80
+    return dark, bright
+
+
+async def _luma_near(client: MediaClient, target: float, tolerance: float = 25) -> VideoFrame:
+    """Wait for a received frame whose mean luma is within ``tolerance`` of ``target``."""
+    while True:
+        frame = await client.next_frame()
+        if abs(mean_luma(frame) - target) <= tolerance:
+            return frame
+
+
+@pytest.mark.parametrize("direction", ["recvonly", "sendrecv"])
+async def test_pattern_pipeline_needs_no_input_video(url: str, direction: str) -> None:
+    """A text-mode offer (a video transceiver with no track: ``recvonly``, or a browser's
+    default ``sendrecv``) gets the prompt's pattern, at the load's size; a new prompt on
+    the parameters channel changes it."""
+    dark, bright = _distinct_prompts()
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            load = {"pipeline_ids": ["pattern"], "load_params": {"width": 160, "height": 96}}
+            await _ok(sig, "POST", "/api/v1/pipeline/load", load)
+            initial = {"prompts": [{"text": dark, "weight": 1.0}], "input_mode": "text"}
+            client = await start_media(sig, nursery, initial, send_video=False, direction=direction)
+            try:
+                frame = await _luma_near(client, mean_luma(pattern_frame(dark, 0, 160, 96)))
+                assert (frame.width, frame.height) == (160, 96)
+                await _wait_open(client)
+                client.parameters.send(json.dumps({"prompts": [{"text": bright, "weight": 1}]}))
+                await _luma_near(client, mean_luma(pattern_frame(bright, 0, 160, 96)))
+                (session,) = (await state(url))["sessions"]
+                assert session["frames_in"] == 0, "nothing was sent to the cloud"
+                assert session["frames_processed"] > 0
+            finally:
+                await raw.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+async def _session(url: str) -> dict[str, Any]:
+    (session,) = (await state(url))["sessions"]
+    result: dict[str, Any] = session
+    return result
+
+
+async def test_paused_freezes_the_output_of_a_video_pipeline(url: str) -> None:
+    """Paused, the pipeline processes nothing and the last output repeats: a changed input
+    does not show until ``paused`` is false again."""
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            await _ok(sig, "POST", "/api/v1/pipeline/load", {"pipeline_ids": ["invert"]})
+            client = await start_media(sig, nursery)
+            try:
+                await inverted_frame(client)  # input left black, right white
+                await _wait_open(client)
+                client.parameters.send(json.dumps({"paused": True}))
+                await wait_for_state(url, lambda s: s["sessions"][0]["paused"])
+                processed = (await _session(url))["frames_processed"]
+                client.halves = (255, 0)  # the input flips...
+                frames_in = (await _session(url))["frames_in"]
+                await wait_for_state(url, lambda s: s["sessions"][0]["frames_in"] > frames_in + 10)
+                client.drain()
+                for _ in range(10):  # ...but the output still shows the old input, inverted
+                    left, right = luma_halves(await client.next_frame())
+                    assert left > 200, (left, right)
+                    assert right < 55, (left, right)
+                assert (await _session(url))["frames_processed"] == processed
+                client.parameters.send(json.dumps({"paused": False}))
+                await straight_frame(client)  # the flipped input, inverted
+                assert (await _session(url))["frames_processed"] > processed
+            finally:
+                await raw.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+async def test_paused_stops_the_pattern_but_not_the_track(url: str) -> None:
+    """Paused, a text pipeline draws nothing new, yet frames keep flowing (the last one),
+    so the receiver sees a still picture, not a stalled stream."""
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            load = {"pipeline_ids": ["pattern"], "load_params": {"width": 64, "height": 64}}
+            await _ok(sig, "POST", "/api/v1/pipeline/load", load)
+            client = await start_media(sig, nursery, {"paused": False}, send_video=False)
+            try:
+                await client.next_frame()
+                await _wait_open(client)
+                client.parameters.send(json.dumps({"paused": True}))
+                await wait_for_state(url, lambda s: s["sessions"][0]["paused"])
+                paused = await _session(url)
+                received = client.frames_received
+                await wait_for_state(
+                    url, lambda s: s["sessions"][0]["frames_out"] > paused["frames_out"] + 10
+                )
+                assert (await _session(url))["frames_processed"] == paused["frames_processed"]
+                while client.frames_received < received + 5:
+                    await client.next_frame()
+                client.parameters.send(json.dumps({"paused": False}))
+                await wait_for_state(
+                    url,
+                    lambda s: s["sessions"][0]["frames_processed"] > paused["frames_processed"],
+                )
+            finally:
+                await raw.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+def _decode_mp4(content: bytes) -> list[VideoFrame]:
+    with av.open(io.BytesIO(content)) as container:
+        assert container.format.name.startswith("mov,mp4")
+        return list(container.decode(video=0))
+
+
+async def test_recording_downloads_as_a_real_mp4(url: str) -> None:
+    """With ``recording`` on, the frames the session sends become an MP4, downloaded as a
+    binary answer; the next download holds only what came after the first."""
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            await _ok(sig, "POST", "/api/v1/pipeline/load", {"pipeline_ids": ["invert"]})
+            client = await start_media(sig, nursery, {"recording": True})
+            try:
+                await wait_for_state(url, lambda s: s["sessions"][0]["frames_recorded"] >= 20)
+                path = f"/api/v1/recordings/{client.session_id}"
+                data = await _ok(sig, "GET", path)
+                assert data["_content_type"] == "video/mp4"
+                content = base64.b64decode(data["_base64_content"])
+                assert data["_content_length"] == len(content)
+                frames = _decode_mp4(content)
+                assert len(frames) >= 20
+                assert (frames[0].width, frames[0].height) == (128, 128)
+                left, right = luma_halves(frames[-1])
+                assert left > 200, "the recording holds the inverted output"
+                assert right < 55, "the recording holds the inverted output"
+                recorded = (await _session(url))["frames_recorded"]
+                await wait_for_state(
+                    url, lambda s: s["sessions"][0]["frames_recorded"] >= recorded + 5
+                )
+                second = _decode_mp4(
+                    base64.b64decode((await _ok(sig, "GET", path))["_base64_content"])
+                )
+                total = (await _session(url))["frames_recorded"]
+                # Only what came after the first download, and from its own time zero.
+                assert 5 <= len(second) <= total - len(frames)
+                assert second[0].pts == 0
+
+                reply = await _api(sig, "GET", "/api/v1/recordings/nope")
+                assert (reply["status"], reply["error"]) == (404, "Session nope not found")
+            finally:
+                await raw.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+async def test_no_recording_unless_asked(url: str) -> None:
+    with trio.fail_after(DEADLINE):
+        async with open_signaling(url) as sig, trio.open_nursery() as nursery:
+            client = await start_media(sig, nursery)
+            try:
+                await straight_frame(client)
+                reply = await _api(sig, "GET", f"/api/v1/recordings/{client.session_id}")
+                assert reply["status"] == 404
+                assert reply["error"] == f"Recording not available for session {client.session_id}"
+                assert (await _session(url))["frames_recorded"] == 0
+            finally:
+                await raw.close_peer_connection(client.pc)
+                nursery.cancel_scope.cancel()
+
+
+async def test_a_recording_too_large_for_one_message_is_refused(aio_loop: object) -> None:
+    async with running_devcloud(max_recording_bytes=100) as base_url:
+        with trio.fail_after(DEADLINE):
+            async with open_signaling(base_url) as sig, trio.open_nursery() as nursery:
+                client = await start_media(sig, nursery, {"recording": True})
+                try:
+                    await wait_for_state(
+                        base_url, lambda s: s["sessions"][0]["frames_recorded"] >= 5
+                    )
+                    reply = await _api(sig, "GET", f"/api/v1/recordings/{client.session_id}")
+                    assert reply["status"] == 413
+                    assert "limit 100" in reply["error"]
+                finally:
+                    await raw.close_peer_connection(client.pc)
+                    nursery.cancel_scope.cancel()
 
 
 def test_invert_frame_is_exact() -> None:

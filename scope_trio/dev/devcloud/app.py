@@ -109,7 +109,8 @@ async def serve_devcloud(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``scope-trio devcloud --host --port --pipeline --api-key --hostile``: serve until a signal.
+    """``scope-trio devcloud --host --port --pipeline --api-key --load-seconds --hostile``:
+    serve until a signal.
 
     Either signal shuts down gracefully: WebSockets get 1001, peer connections are closed.
     """
@@ -120,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--pipeline", choices=PIPELINES, default="passthrough")
     parser.add_argument("--api-key", default=None, help="require 'Authorization: Key <key>'")
+    parser.add_argument(
+        "--load-seconds",
+        type=float,
+        default=1.0,
+        help="how long a pipeline load stays 'loading' (default: 1.0)",
+    )
     parser.add_argument("--require-user-id", action="store_true")
     parser.add_argument(
         "--hostile", action="store_true", help="surround every message with garbage (tests)"
@@ -131,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         pipeline=args.pipeline,
         api_key=args.api_key,
         require_user_id=args.require_user_id,
+        load_seconds=args.load_seconds,
         hostile=args.hostile,
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

@@ -45,6 +45,11 @@ class DevCloudConfig:
     answering side waits for a nomination without a deadline of its own: an offerer that
     gave up mid-ICE (a stop while connecting) would otherwise leave a session "checking"
     until its WebSocket ends."""
+    vram_gb: float = 24.0
+    """The GPU memory ``/api/v1/hardware/info`` reports, in GiB."""
+    max_recording_bytes: int = 700 * 1024
+    """Largest recording a download answers (413 above it): base64 makes it a third
+    larger, and the local server reads signaling messages of at most 1 MiB."""
     hostile: bool = False
     """Surround every message sent after ``ready`` with garbage (see :mod:`.faults`)."""
 

@@ -1,9 +1,11 @@
 """The dev cloud's media side: one peer connection per answered offer.
 
-This is the only module of the dev cloud that does WebRTC (through :class:`scope_trio.rtc.PeerConnection`,
-never an aiortc object): creating and closing peer connections, answering offers, adding ICE candidates, receiving and
-sending video, the ``parameters`` data channel and the datagram filter the network faults use.
-The rest of the dev cloud sees a :class:`CloudSession` and plain values.
+This is the only module of the dev cloud that does WebRTC (through
+:class:`scope_trio.rtc.PeerConnection`, never an aiortc object): creating and closing peer
+connections, answering offers, adding ICE candidates, receiving and sending video, the
+``parameters`` data channel and the datagram filter the network faults use. The rest of the
+dev cloud sees a :class:`CloudSession` and plain values. What a frame becomes is
+:mod:`.pipelines`' business; recording is :mod:`.recording`'s.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from av import VideoFrame
 
 from scope_trio import rtc
 from scope_trio.dev.devcloud.config import SESSION_CLOSE_TIMEOUT
-from scope_trio.dev.devcloud.pipelines import process
+from scope_trio.dev.devcloud.pipelines import (
+    PATTERN_FPS,
+    TEXT_PIPELINES,
+    frame_size,
+    pattern_frame,
+    process,
+    prompt_text,
+)
+from scope_trio.dev.devcloud.recording import Recorder
 
 if TYPE_CHECKING:
     from scope_trio.dev.devcloud.protocol import DevCloud
@@ -38,7 +48,9 @@ def open_media_loop() -> AbstractAsyncContextManager[Any]:
 
 
 class CloudSession:
-    """One answered offer: a peer connection echoing video through the current pipeline."""
+    """One answered offer: a peer connection sending the current pipeline's video (its
+    input processed, or frames drawn from the prompt), honouring ``paused`` and
+    ``recording``, and keeping the parameters the offer and the data channel carry."""
 
     def __init__(self, cloud: DevCloud, pc: rtc.PeerConnection, initial: Mapping[str, Any]) -> None:
         self.cloud = cloud
@@ -48,8 +60,24 @@ class CloudSession:
         self.parameters: dict[str, Any] = dict(initial)
         self.close_requested = trio.Event()
         self.blackhole_until = -math.inf
+        self.recorder = Recorder()
         self.frames_in = 0
         self.frames_out = 0
+        self.frames_processed = 0
+        """Frames the pipeline made (processed input, or drawn): they stop while paused."""
+        self._last_sent: VideoFrame | None = None
+        self._pattern_clock = 0.0
+        """Seconds of pattern time drawn so far: it stands still while paused."""
+
+    @property
+    def paused(self) -> bool:
+        """The ``paused`` parameter: the pipeline stops and the last frame is repeated."""
+        return bool(self.parameters.get("paused"))
+
+    @property
+    def recording(self) -> bool:
+        """The ``recording`` parameter: sent frames also go into an MP4."""
+        return bool(self.parameters.get("recording"))
 
     @property
     def connection_state(self) -> str:
@@ -86,6 +114,8 @@ class CloudSession:
                 nursery.start_soon(self._tracks, nursery)
                 nursery.start_soon(self._channels, nursery)
                 nursery.start_soon(self._watch_state, nursery.cancel_scope)
+                nursery.start_soon(self._draw)
+                nursery.start_soon(self.recorder.run)
                 await self.close_requested.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -135,11 +165,48 @@ class CloudSession:
             self.cloud.record_parameters(update)
 
     def _on_frame(self, frame: VideoFrame) -> None:
+        """One input frame: through the video pipeline, or (paused) the last frame again.
+        A text pipeline ignores input."""
         self.frames_in += 1
         self.cloud.frames_in += 1
         if time.monotonic() < self.cloud.faults.stall_media_until:
             return
-        self.source.push(process(self.cloud.pipeline, frame))
+        pipeline = self.cloud.pipeline
+        if pipeline in TEXT_PIPELINES:
+            return
+        if self.paused and self._last_sent is not None:
+            self._send(self._last_sent)
+            return
+        self.frames_processed += 1
+        self._send(process(pipeline, frame))
+
+    async def _draw(self) -> None:
+        """While a text pipeline is loaded, send its frames at its rate, input or not;
+        paused, the last frame again (the pattern's clock stands still)."""
+        interval = 1 / PATTERN_FPS
+        tick = trio.current_time()
+        while True:
+            tick = max(tick + interval, trio.current_time())
+            await trio.sleep_until(tick)
+            pipeline = self.cloud.pipeline
+            if pipeline not in TEXT_PIPELINES:
+                continue
+            if time.monotonic() < self.cloud.faults.stall_media_until:
+                continue
+            if self.paused and self._last_sent is not None:
+                self._send(self._last_sent)
+                continue
+            width, height = frame_size(pipeline, self.cloud.load_params)
+            frame = pattern_frame(prompt_text(self.parameters), self._pattern_clock, width, height)
+            self._pattern_clock += interval
+            self.frames_processed += 1
+            self._send(frame)
+
+    def _send(self, frame: VideoFrame) -> None:
+        self._last_sent = frame
+        self.source.push(frame)
+        if self.recording:
+            self.recorder.add(frame)
         self.frames_out += 1
         self.cloud.frames_out += 1
 

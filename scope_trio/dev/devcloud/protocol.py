@@ -27,6 +27,7 @@ from typing import Any
 import trio
 from quart import Websocket
 
+from scope_trio.dev.devcloud import api
 from scope_trio.dev.devcloud import faults as _faults
 from scope_trio.dev.devcloud.config import (
     CLOSE_ACCESS_DENIED,
@@ -34,11 +35,14 @@ from scope_trio.dev.devcloud.config import (
 )
 from scope_trio.dev.devcloud.faults import FaultState, hostile_noise, malformed
 from scope_trio.dev.devcloud.media import CloudSession, open_session
-from scope_trio.dev.devcloud.pipelines import PIPELINES
 
 __all__ = ["DevCloud"]
 
 logger = logging.getLogger("scope_trio.dev.devcloud")
+
+
+LOADING_STAGES = ("Loading pipeline weights", "Warming up")
+"""``loading_stage`` in the first and second half of a pipeline load."""
 
 
 class _ProtocolError(Exception):
@@ -92,7 +96,10 @@ class DevCloud:
         self.config = config
         self.pipeline = config.pipeline
         self.pipeline_status = "loaded"
+        self.loading_stage: str | None = None
         self.load_params: dict[str, Any] | None = None
+        self.started_at = time.time()
+        """Unix time this devcloud started (``server_start_time`` in ``/health``)."""
         self.faults = FaultState()
         self.connections: set[_WsConnection] = set()
         self.sessions: dict[str, CloudSession] = {}
@@ -130,6 +137,10 @@ class DevCloud:
                     "state": s.connection_state,
                     "frames_in": s.frames_in,
                     "frames_out": s.frames_out,
+                    "frames_processed": s.frames_processed,
+                    "paused": s.paused,
+                    "recording": s.recording,
+                    "frames_recorded": s.recorder.frames,
                     "parameters": s.parameters,
                 }
                 for s in self.sessions.values()
@@ -270,7 +281,7 @@ class DevCloud:
         if kind == "icecandidate":
             return await self._icecandidate(connection, message)
         if kind == "api":
-            return self._api(message)
+            return await self._api(message)
         if kind == "ping":
             return {"type": "pong", "request_id": request_id}
         if kind == "get_ice_servers":
@@ -368,11 +379,10 @@ class DevCloud:
             raise _ProtocolError(f"ICE candidate failed: {exc}") from exc
         return {"type": "icecandidate_ack", "request_id": request_id, "status": "ok"}
 
-    def _api(self, message: dict[str, Any]) -> dict[str, Any]:
+    async def _api(self, message: dict[str, Any]) -> dict[str, Any]:
         request_id = message.get("request_id")
-        method = str(message.get("method", "GET")).upper()
-        path = message.get("path")
-        status, payload = self.api_call(method, path, message.get("body"))
+        method = str(message.get("method", "GET"))
+        status, payload = await api.call(self, method, message.get("path"), message.get("body"))
         reply: dict[str, Any] = {"type": "api_response", "request_id": request_id, "status": status}
         if status >= 400:
             reply["error"] = payload.get("detail", "error")
@@ -380,52 +390,40 @@ class DevCloud:
             reply["data"] = payload
         return reply
 
-    def api_call(self, method: str, path: Any, body: Any) -> tuple[int, dict[str, Any]]:
-        """The proxied Scope HTTP API subset: returns ``(status, json body)``."""
-        routes = {
-            "/api/v1/pipeline/status": ("GET", self._pipeline_status),
-            "/api/v1/pipeline/load": ("POST", self._pipeline_load),
+    # -- pipeline ---------------------------------------------------------------------------
+
+    def pipeline_status_body(self) -> dict[str, Any]:
+        """``GET /api/v1/pipeline/status``: the pipeline, its load params and stage."""
+        active = self.pipeline_status in ("loaded", "loading")
+        return {
+            "status": self.pipeline_status,
+            "pipeline_id": self.pipeline if active else None,
+            "load_params": self.load_params if active else None,
+            "loaded_lora_adapters": [] if self.pipeline_status == "loaded" else None,
+            "error": None,
+            "loading_stage": self.loading_stage,
         }
-        route = routes.get(path) if isinstance(path, str) else None
-        if route is None:
-            return 404, {"detail": "Not found"}
-        allowed, handler = route
-        if method != allowed:
-            return 405, {"detail": "Method not allowed"}
-        return handler(body)
 
-    def _pipeline_status(self, body: Any) -> tuple[int, dict[str, Any]]:
-        status: dict[str, Any] = {"status": self.pipeline_status}
-        if self.pipeline_status in ("loaded", "loading"):
-            status["pipeline_id"] = self.pipeline
-            status["load_params"] = self.load_params
-        return 200, status
-
-    def _pipeline_load(self, body: Any) -> tuple[int, dict[str, Any]]:
-        if not isinstance(body, dict):
-            return 422, {"detail": "body must be an object with pipeline_ids"}
-        ids = body.get("pipeline_ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-            return 422, {"detail": "pipeline_ids must be a non-empty list of strings"}
-        if ids[0] not in PIPELINES:
-            return 400, {"detail": f"Unknown pipeline: {ids[0]}"}
-        load_params = body.get("load_params")
-        self._load(ids[0], load_params if isinstance(load_params, dict) else None)
-        return 200, {"message": "Pipeline loading initiated successfully"}
-
-    def _load(self, pipeline: str, load_params: dict[str, Any] | None) -> None:
+    def load_pipeline(self, pipeline: str, load_params: dict[str, Any] | None) -> None:
+        """Switch to ``pipeline`` at once (sessions use it from their next frame); the
+        status reads ``loading`` for ``load_seconds``, in two named stages, then ``loaded``.
+        A newer load supersedes an older one still in its stages."""
         self.pipeline = pipeline
         self.load_params = load_params
         self._load_generation += 1
         if self.config.load_seconds <= 0:
-            self.pipeline_status = "loaded"
+            self.pipeline_status, self.loading_stage = "loaded", None
             return
-        self.pipeline_status = "loading"
         generation = self._load_generation
+        half = self.config.load_seconds / 2
+        self.pipeline_status, self.loading_stage = "loading", LOADING_STAGES[0]
 
-        async def finish() -> None:
-            await trio.sleep(self.config.load_seconds)
+        async def stages() -> None:
+            await trio.sleep(half)
             if self._load_generation == generation:
-                self.pipeline_status = "loaded"
+                self.loading_stage = LOADING_STAGES[1]
+            await trio.sleep(half)
+            if self._load_generation == generation:
+                self.pipeline_status, self.loading_stage = "loaded", None
 
-        self.background.start_soon(finish)
+        self.background.start_soon(stages)
