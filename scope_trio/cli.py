@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--devcloud-pipeline",
-        choices=["invert", "passthrough"],
+        choices=["invert", "passthrough", "pattern"],
         default=None,
         help="pipeline of the embedded dev cloud used when no cloud is configured (invert)",
     )

@@ -53,7 +53,7 @@ __all__ = [
 
 MIB = 1024 * 1024
 REDACTED = "***"
-DEVCLOUD_PIPELINES = ("invert", "passthrough")
+DEVCLOUD_PIPELINES = ("invert", "passthrough", "pattern")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _LINK_IDENTITY = frozenset({"app_id", "api_key", "ws_url", "user_id"})
@@ -207,7 +207,7 @@ DOCS: dict[str, str] = {
     "server.max_body_bytes": "largest request body (413 above it)",
     "server.graceful_timeout": "seconds Hypercorn drains open connections at shutdown",
     "server.shutdown_timeout": "bound on the whole shutdown",
-    "server.devcloud_pipeline": "the embedded dev cloud's pipeline (`invert`, `passthrough`)",
+    "server.devcloud_pipeline": "the embedded dev cloud's pipeline (`invert`, `passthrough`, `pattern`)",
     "server.log_level": "`DEBUG`, `INFO`, `WARNING`, `ERROR`",
     "server.log_json": "one JSON object per log line",
     "server.relay_fps": "frame rate of the video sent to the browser",
