@@ -90,8 +90,10 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session(python=PYTHONS[1])
 def race(session: nox.Session) -> None:
-    """The race benchmark alone, checked against its baseline (deterministic: CI runs it)."""
-    session.install("-e", ".")
+    """The race benchmark, checked against its baseline, and its mutation self-test: broken
+    supervisors it must catch (deterministic: CI runs both)."""
+    session.install("-e", ".", "--group", "tests")
+    session.run("pytest", "tests/bench/test_race_mutants.py")
     session.run("python", "benchmarks/race.py", "--check", *session.posargs)
 
 
@@ -106,7 +108,16 @@ def bench(session: nox.Session) -> None:
     session.install("-e", ".", "--group", "tests")
     session.run("pytest", "tests/bench")
     failed = []
-    for name in ("race", "stop_latency", "recovery", "relay", "api_load", "load"):
+    for name in (
+        "race",
+        "stop_latency",
+        "recovery",
+        "relay",
+        "api_load",
+        "load",
+        "http_proxy",
+        "network",
+    ):
         # Every benchmark runs even when an earlier one fails its check; the session fails
         # at the end, naming them.
         try:
