@@ -25,9 +25,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import trio
@@ -41,8 +40,9 @@ from scope_trio.cloud.link import (
     connect_cloud_link,
 )
 from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.cloud.settings import CloudSettings, LinkPolicy
 from scope_trio.cloud.status import CloudStats, CloudStatus
-from scope_trio.core.retry import Backoff, RestartTracker, RestartWindow
+from scope_trio.core.retry import RestartTracker
 from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import (
     PendingStart,
@@ -51,6 +51,16 @@ from scope_trio.core.supervisor import (
     SupervisorError,
 )
 from scope_trio.ops import logs
+
+__all__ = [
+    "ApiReply",
+    "CloudManager",
+    "CloudSettings",
+    "LinkPolicy",
+    "LinkState",
+    "MediaHandle",
+    "NotConnectedError",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,50 +72,6 @@ STAGE_RECONNECTING = "Reconnecting to cloud..."
 
 class NotConnectedError(Exception):
     """The operation needs an established cloud link."""
-
-
-@dataclass(frozen=True)
-class CloudSettings:
-    """Where the cloud is (CONTRACT section 3). ``api_key`` is never shown."""
-
-    app_id: str | None = None
-    api_key: str | None = field(default=None, repr=False)
-    ws_url: str | None = None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> CloudSettings:
-        return cls(
-            app_id=environ.get("SCOPE_CLOUD_APP_ID") or None,
-            api_key=environ.get("SCOPE_CLOUD_API_KEY") or None,
-            ws_url=environ.get("SCOPE_CLOUD_WS_URL") or None,
-        )
-
-    @property
-    def credentials_configured(self) -> bool:
-        return bool(self.app_id or self.ws_url)
-
-
-@dataclass(frozen=True)
-class LinkPolicy:
-    """How an established link that dropped is re-established.
-
-    Each re-link runs the link's own connect retries (3 attempts with backoff). At most
-    ``max_relinks`` re-links in ``window`` seconds, so a flapping cloud ends in an error.
-    """
-
-    max_relinks: int = 3
-    window: float = 60.0
-    delay: float = 1.0
-    """Pause before the first connect of a re-link."""
-
-    @property
-    def backoff(self) -> Backoff:
-        """The pause before each re-link, as the project's one retry type."""
-        return Backoff.constant(self.delay, attempts=self.max_relinks)
-
-    @property
-    def intensity(self) -> RestartWindow:
-        return RestartWindow(self.max_relinks, self.window)
 
 
 @dataclass(frozen=True)
