@@ -35,7 +35,7 @@ backoff delay (1 s) and frames flow again into the same browser track. The runs:
    their phases spread evenly over the second, plus 50 SSE subscribers. This is the
    operators' case and the one the 5 % target applies to: a status page or dashboard
    polls on a timer and waits for each answer. Scope's UI polls every few seconds (that is
-   how it missed 1 s recoveries, CONTRACT section 4, item 7); once a second is faster than
+   how it missed 1 s recoveries: docs/scope-compatibility.md, item 7); once a second is faster than
    any UI, and 200 open UIs on one local server is far more operators than exist;
 3. ``flood``: the same clients polling back to back (each waits for its answer, then asks
    again). Not a realistic client: it saturates the server on purpose, to show what the

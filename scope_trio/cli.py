@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``serve`` runs the drop-in HTTP server (:func:`scope_trio.server.serve`). Settings come
-  from the CONTRACT section-3 environment variables; flags win. With no cloud configured
+  from a TOML file (--config, docs/configuration.md) and Scope's environment variables; flags win. With no cloud configured
   it runs the dev cloud in-process and says so in one line. SIGINT/SIGTERM shut it down
   gracefully within a bounded time; a second signal stops it at once.
 * ``devcloud`` runs the local stand-in for the cloud GPU runner (see :mod:`scope_trio.dev.devcloud`).

@@ -1,7 +1,7 @@
 """Shared fixtures.
 
 ``aio_loop`` opens the trio-asyncio loop once for a test: every aiortc object must be
-created, and every aiortc coroutine awaited, inside it (see STACK-NOTES).
+created, and every aiortc coroutine awaited, inside it (see docs/stack-notes.md).
 """
 
 from __future__ import annotations

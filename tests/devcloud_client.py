@@ -164,7 +164,7 @@ async def open_signaling(
     """A signaling WebSocket to the devcloud at ``url``; closed (socket included) on exit.
 
     The TCP stream is opened here and closed here: trio-websocket leaks it when the server
-    closes first (STACK-NOTES), which ``filterwarnings = error`` would turn into a failure.
+    closes first (docs/stack-notes.md), which ``filterwarnings = error`` would turn into a failure.
     """
     parsed = urllib.parse.urlsplit(url)
     assert parsed.hostname is not None

@@ -169,7 +169,7 @@ async def test_the_debug_route_is_404_with_a_live_cloud_session_and_touches_noth
 
 
 async def test_the_debug_route_is_404_when_the_environment_sets_it_empty() -> None:
-    """``SCOPE_DEBUG_ENDPOINTS`` must be non-empty: an empty value is "off" (CONTRACT)."""
+    """``SCOPE_DEBUG_ENDPOINTS`` must be non-empty: an empty value is "off", as in Scope."""
     async with (
         serve_process(env={"SCOPE_DEBUG_ENDPOINTS": ""}) as served,
         httpx.AsyncClient(base_url=served.url, timeout=10) as http,

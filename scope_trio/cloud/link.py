@@ -404,7 +404,7 @@ class CloudLink:
 
         Owning the stream is what lets us close the socket when the SERVER closes:
         trio-websocket's client waits for the server's TCP close and never closes its stream
-        itself in that case, leaking it (STACK-NOTES).
+        itself in that case, leaking it (docs/stack-notes.md).
         """
         parts = urllib.parse.urlsplit(self._url)
         host = parts.hostname

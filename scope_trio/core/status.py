@@ -15,12 +15,12 @@ LOST_PREFIX = "Remote inference connection lost"
 
 
 def lost_message(reason: str) -> str:
-    """``webrtc_error`` while recovering from a loss (CONTRACT: CloudStatus)."""
+    """``webrtc_error`` while recovering from a loss (docs/scope-compatibility.md)."""
     return f"{LOST_PREFIX}: {reason}"
 
 
 def budget_spent_message(attempts: int) -> str:
-    """``webrtc_error`` once the attempt budget is spent (CONTRACT: CloudStatus, verbatim)."""
+    """``webrtc_error`` once the attempt budget is spent Scope's text, word for word (docs/scope-compatibility.md)."""
     return (
         f"{LOST_PREFIX}. Reconnection failed after {attempts} attempts. "
         "Please toggle cloud mode off and on to reconnect."

@@ -3,7 +3,7 @@
 Each server owns its :class:`prometheus_client.CollectorRegistry` (never the process-global
 default one), so many servers can run in one process, as the tests do.
 
-Where every number comes from (STYLE: one place owns each piece of state, and a metric is
+Where every number comes from (one place owns each piece of state, and a metric is
 derived from that owner, never a second copy kept in sync by hand):
 
 * **State, read at scrape time** by collectors: the supervisor's

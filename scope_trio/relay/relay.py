@@ -2,8 +2,8 @@
 
 The browser offers to us; we answer with ONE outgoing video track that carries the cloud's
 processed frames, feed the browser's incoming video to the cloud media session, and forward
-JSON text from the browser's data channel(s) as parameter updates (CONTRACT section 1,
-"Relay mode"). The cloud media session belongs to :class:`scope_trio.cloud.CloudManager`;
+JSON text from the browser's data channel(s) as parameter updates (docs/cloud-protocol.md).
+The cloud media session belongs to :class:`scope_trio.cloud.manager.CloudManager`;
 this module owns only the browser side.
 
 Supervision (everything runs in a nursery someone owns)::
