@@ -38,6 +38,9 @@ Reported per profile:
   ``webrtc_connected``), **first live frame** (the first arrival of a frame pushed after
   ``t0``), for blips also that arrival minus the moment the path returned, and rebuilds.
 
+One file like the other benchmarks (about 700 lines: the profiles, the processes, the
+browser, the figures and the check serve one measurement and are read together).
+
 ``--check`` compares with the baseline of the same configuration (regressions only, with
 wide tolerances: wall time on a shared machine varies) and shows issue 12's targets beside
 each figure as notes, so the gap stays visible until the receive path is fixed.
