@@ -1,15 +1,10 @@
 """``open_server``: the whole server assembled in one place; ``serve`` runs it until told to stop.
 
 Every test rig and benchmark builds the server through :func:`open_server` too, so they run
-the real wiring and the real shutdown order. The supervision tree is drawn once, in
-``docs/architecture.md``; the nested ``async with`` blocks below are that tree::
-
-    open_server(config)
-    ├── trio-asyncio loop                     aiortc lives inside it
-    ├── dev cloud                             only when no cloud is configured (embedded)
-    └── CloudManager.open                     link keeper, media supervisor
-        └── Relay.open                        browser sessions
-            └── services                      metrics observer, Hypercorn (the HTTP API)
+the real wiring and the real shutdown order. The nested ``async with`` blocks below are the
+supervision tree drawn in ``docs/architecture.md``: the trio-asyncio loop, the embedded dev
+cloud (only when no cloud is configured), ``CloudManager.open``, ``Relay.open``, then the
+HTTP services (metrics observer, Hypercorn).
 
 Shutdown (the block ends, or it is cancelled) runs in this order, the whole of it bounded by
 ``ServerConfig.shutdown_timeout``:

@@ -4,14 +4,8 @@ Imports flow one way: the HTTP layer → :class:`CloudManager` → :class:`Sessi
 :class:`CloudMediaSession` → :mod:`scope_trio.rtc`; the manager also owns the signaling link
 (:func:`scope_trio.cloud.link.connect_cloud_link`). Nothing here imports the HTTP layer.
 
-Supervision::
-
-    CloudManager.open()'s nursery
-    ├── CloudManager._maintain_link        cancel scope: cancelled by disconnect()/connect()
-    │   └── connect_cloud_link (block)      receive loop + heartbeat in the link's nursery
-    │       └── after a re-link: replay the last pipeline load, then resume the media session
-    ├── CloudManager._forward_media_changes
-    └── SessionSupervisor runs               (see scope_trio.core.supervisor)
+Its place in the supervision tree (``docs/architecture.md``): :meth:`CloudManager.open`
+owns the nursery of the link keeper, the status forwarder and the supervisor's runs.
 
 Beyond Scope: when an established link drops without us asking, it is re-established
 (``LinkPolicy``), the last pipeline load is replayed and the media session resumes with its
