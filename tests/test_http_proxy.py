@@ -10,7 +10,7 @@ frontend's sequence against a whole server).
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,40 +19,13 @@ from typing import Any
 import pytest
 import trio
 from fake_cloud_ws import FakeCloud, FakeCloudConnection, serve_fake_cloud, standard_reply
+from no_relay import NoRelay
 from quart.typing import TestClientProtocol as QuartClient
 
 from scope_trio.cloud.manager import CloudManager, CloudSettings
 from scope_trio.http.app import ROUTES, ScopeApp, create_app
 from scope_trio.http.routes.pipeline import NOT_LOADED
 from scope_trio.ops.logring import LogRing
-
-
-class NoRelay:
-    """The relay is not what these tests are about."""
-
-    async def offer(
-        self,
-        sdp: str,
-        sdp_type: str,
-        initial_parameters: Mapping[str, Any] | None = None,
-        *,
-        user_id: str | None = None,
-    ) -> dict[str, str]:
-        raise NotImplementedError
-
-    async def add_candidates(
-        self, session_id: str, candidates: Sequence[Mapping[str, Any]]
-    ) -> None:
-        raise KeyError(session_id)
-
-    async def close(self, session_id: str) -> None:
-        raise KeyError(session_id)
-
-    async def close_all(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def sessions(self) -> dict[str, dict[str, Any]]:
-        return {}
 
 
 @dataclass

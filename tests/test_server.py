@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -19,6 +19,7 @@ import httpx
 import pytest
 import trio
 from browser_peer import http_browser
+from no_relay import NoRelay
 
 from scope_trio import rtc
 from scope_trio.cli import serve_main
@@ -61,7 +62,7 @@ async def test_serve_without_a_cloud_uses_the_embedded_dev_cloud() -> None:
     assert trio.current_time() - started < 5, "graceful shutdown is prompt"
 
 
-class RecordingRelay:
+class RecordingRelay(NoRelay):
     """A relay whose ``close_all`` checks that the HTTP server is still up at that moment."""
 
     def __init__(self, manager: CloudManager, url: list[str], log: list[str]) -> None:
@@ -69,32 +70,11 @@ class RecordingRelay:
         self.url = url
         self.log = log
 
-    async def offer(
-        self,
-        sdp: str,
-        sdp_type: str,
-        initial_parameters: Mapping[str, Any] | None = None,
-        *,
-        user_id: str | None = None,
-    ) -> dict[str, str]:
-        raise NotImplementedError
-
-    async def add_candidates(
-        self, session_id: str, candidates: Sequence[Mapping[str, Any]]
-    ) -> None:
-        raise KeyError(session_id)
-
-    async def close(self, session_id: str) -> None:
-        raise KeyError(session_id)
-
     async def close_all(self) -> None:
         self.log.append(f"close_all (cloud connected={self.manager.status()['connected']})")
         async with httpx.AsyncClient(base_url=self.url[0], timeout=5) as http:
             response = await http.get("/health")
         self.log.append(f"http still serving: {response.status_code}")
-
-    def sessions(self) -> dict[str, dict[str, Any]]:
-        return {}
 
 
 async def test_shutdown_closes_sessions_and_cloud_before_the_server() -> None:

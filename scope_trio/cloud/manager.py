@@ -37,6 +37,7 @@ from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, V
 from scope_trio.cloud.settings import CloudSettings, LinkPolicy
 from scope_trio.cloud.status import CloudStats, CloudStatus
 from scope_trio.core.retry import RestartTracker
+from scope_trio.core.service import open_service
 from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import (
     PendingStart,
@@ -174,9 +175,11 @@ class CloudManager:
         link_options: Mapping[str, Any] | None = None,
         close_timeout: float = 15.0,
     ) -> AsyncIterator[CloudManager]:
-        """The manager for the block; when the block ends, so has every task it started."""
-        async with trio.open_nursery() as nursery:
-            manager = cls(
+        """The manager for the block; when the block ends it has disconnected (shielded,
+        bounded) and every task it started has ended."""
+
+        def build(nursery: trio.Nursery) -> CloudManager:
+            return cls(
                 nursery,
                 settings,
                 policy=policy,
@@ -184,15 +187,15 @@ class CloudManager:
                 media_config=media_config,
                 link_options=link_options,
             )
-            await nursery.start(manager._forward_media_changes)  # before anything can change
-            try:
-                yield manager
-            finally:
-                with trio.move_on_after(close_timeout, shield=True) as bounded:
-                    await manager.disconnect()
-                if bounded.cancelled_caught:
-                    logger.warning("disconnect overran %g s; cancelling it", close_timeout)
-                nursery.cancel_scope.cancel()
+
+        async with open_service(
+            build,
+            CloudManager.disconnect,
+            close_timeout=close_timeout,
+            what="the cloud connection",
+            start=lambda manager: manager._forward_media_changes,  # before anything changes
+        ) as manager:
+            yield manager
 
     def __init__(
         self,

@@ -56,6 +56,7 @@ from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, MediaHandle, NotConnectedError
 from scope_trio.cloud.media import VideoInput
 from scope_trio.core.params import ParameterError, Parameters, owned, parse_json_object
+from scope_trio.core.service import open_service
 from scope_trio.core.supervisor import SupervisorError
 from scope_trio.ops import logs
 
@@ -169,16 +170,13 @@ class Relay:
         cls, manager: CloudManager, *, close_timeout: float = 15.0, **options: Any
     ) -> AsyncIterator[Relay]:
         """The relay for the block; when the block ends, every browser session is closed."""
-        async with trio.open_nursery() as nursery:
-            relay = cls(manager, nursery, **options)
-            try:
-                yield relay
-            finally:
-                with trio.move_on_after(close_timeout, shield=True) as bounded:
-                    await relay.close_all()
-                if bounded.cancelled_caught:
-                    logger.warning("closing browser sessions overran %g s", close_timeout)
-                nursery.cancel_scope.cancel()
+        async with open_service(
+            lambda nursery: cls(manager, nursery, **options),
+            Relay.close_all,
+            close_timeout=close_timeout,
+            what="the browser sessions",
+        ) as relay:
+            yield relay
 
     def __init__(
         self,
