@@ -306,6 +306,8 @@ class Server:
     """A relay server subprocess: start it, offer to it, stop it."""
 
     name = ""
+    prefix: tuple[str, ...] = ()
+    """Arguments before the server's own (``latency.py``: its stage tracer)."""
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
@@ -323,6 +325,7 @@ class Server:
             env.pop(name, None)  # both servers use their embedded cloud
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *self.prefix,
             *args,
             stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
@@ -492,12 +495,16 @@ class Stream:
 
 
 @contextlib.asynccontextmanager
-async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterator[Stream]:
+async def streaming(
+    system: str, *, separate_cloud: bool = False, prefix: tuple[str, ...] = ()
+) -> AsyncIterator[Stream]:
     """Start ``system``'s server, connect a browser, wait for frames back (and settle).
 
-    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own.
+    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own. ``prefix``:
+    arguments before the server's own on its command line (``latency.py``'s tracer).
     """
     server = make_server(system, separate_cloud=separate_cloud)
+    server.prefix = prefix
     pc = RTCPeerConnection()
     camera = CounterCamera()
     browser = Browser(pc, camera)
