@@ -20,6 +20,7 @@ Reading a frame's number costs the process ~0.3 ms per frame, so CPU is not meas
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import queue
 import runpy
@@ -91,10 +92,12 @@ def install() -> None:
                 _record("release", self.rid, stamp, item[1].timestamp, time.monotonic())
             super().put(item, block, timeout)
 
+    @functools.wraps(original_init)
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
         self._RTCRtpReceiver__decoder_queue = TracingQueue(self)
 
+    @functools.wraps(original_handle)  # scope_trio's verify() reads the original's source
     async def handle(self: Any, packet: Any, arrival_time_ms: int) -> None:
         key = (id(self), packet.timestamp)
         if key not in _seen_first:
@@ -111,6 +114,7 @@ def install() -> None:
                 _record("decoded", self.rid, frame.pts, _read_counter(frame), time.monotonic())
             await self.real.put(frame)
 
+    @functools.wraps(original_worker)
     def worker(loop: Any, input_q: Any, output_q: Any, *rest: Any) -> None:
         rid = getattr(input_q, "rid", 0)
         original_worker(loop, input_q, TracingOutput(output_q, rid), *rest)
