@@ -59,15 +59,14 @@ def reset() -> None:
         _seen_first.clear()
 
 
-_installed = False
+_installed: list[bool] = []
 
 
 def install() -> None:
     """Wrap aiortc's receiver, decoder hand-off and encoders to record events (once)."""
-    global _installed
     if _installed:
         return
-    _installed = True
+    _installed.append(True)
     import aiortc.rtcrtpreceiver as receiver_module
     import aiortc.rtcrtpsender as sender_module
 

@@ -23,8 +23,8 @@ for each of the four hops (browser → server, server → cloud, cloud → serve
 browser), then ``total`` (camera → decoded in the browser). Receivers and encoders of one
 process are told apart by their order along the path (median delay after the camera).
 
-``--check`` guards scope-trio's total p50 and p95 − p50 against the baseline and reports the
-ratio to the plain relay (issue 13's targets: total p50 ≤ 100 ms, ratio ≤ 0.7, p95 − p50 ≤
+``--check`` guards scope-trio's total p50 and p95 - p50 against the baseline and reports the
+ratio to the plain relay (issue 13's targets: total p50 ≤ 100 ms, ratio ≤ 0.7, p95 - p50 ≤
 40 ms) as notes.
 """
 
@@ -45,12 +45,13 @@ import relay
 from _common import Checks, Report, command_line, conclude, config_key, make_parser, make_report
 
 BENCHMARK = "latency"
+STAGES_SCRIPT = str(Path(_stages.__file__).resolve())
 FULL_SECONDS, QUICK_SECONDS = 20.0, 6.0
 SYSTEMS = relay.SYSTEMS
 HOPS = ("browser→server", "server→cloud", "cloud→server", "server→browser")
 TARGET_P50, TARGET_RATIO, TARGET_SPREAD = 0.100, 0.7, 0.040
 LATENCY_SLACK, LATENCY_ALLOWANCE = 1.5, 0.020
-"""--check: total p50 (and p95 − p50) may grow to 1.5× the baseline's + 20 ms."""
+"""--check: total p50 (and p95 - p50) may grow to 1.5x the baseline's + 20 ms."""
 
 
 def stage_names() -> list[str]:
@@ -136,7 +137,7 @@ def pct(values: list[float], q: float) -> float | None:
 async def measure(system: str, seconds: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "stages.json"
-        prefix = (str(Path(_stages.__file__).resolve()), str(out))
+        prefix = (STAGES_SCRIPT, str(out))
         _stages.reset()
         async with relay.streaming(system, prefix=prefix) as stream:
             start = time.monotonic()
