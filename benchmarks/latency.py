@@ -23,9 +23,10 @@ for each of the four hops (browser → server, server → cloud, cloud → serve
 browser), then ``total`` (camera → decoded in the browser). Receivers and encoders of one
 process are told apart by their order along the path (median delay after the camera).
 
-``--check`` guards scope-trio's total p50 and p95 - p50 against the baseline and reports the
-ratio to the plain relay (issue 13's targets: total p50 ≤ 100 ms, ratio ≤ 0.7, p95 - p50 ≤
-40 ms) as notes.
+``--check`` guards scope-trio's total p50 and p95 - p50 against the baseline (1.5x + 20 ms)
+and its returned-frame luma PSNR (every 15th frame against the frame the camera sent) against
+the plain relay's in the same run (at most 0.5 dB below), and reports issue 13's targets
+(total p50 <= 100 ms, ratio to the plain relay <= 0.7, p95 - p50 <= 40 ms) as notes.
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ BENCHMARK = "latency"
 STAGES_SCRIPT = str(Path(_stages.__file__).resolve())
 FULL_SECONDS, QUICK_SECONDS = 20.0, 6.0
 SYSTEMS = relay.SYSTEMS
+PSNR_EVERY = 15
+"""Luma PSNR of every 15th returned frame against the frame the camera sent."""
 HOPS = ("browser→server", "server→cloud", "cloud→server", "server→browser")
 TARGET_P50, TARGET_RATIO, TARGET_SPREAD = 0.100, 0.7, 0.040
+PSNR_SLACK = 0.5
+"""--check: scope-trio's returned frames may be at most 0.5 dB below the plain relay's."""
 LATENCY_SLACK, LATENCY_ALLOWANCE = 1.5, 0.020
 """--check: total p50 (and p95 - p50) may grow to 1.5x the baseline's + 20 ms."""
 
@@ -139,13 +144,14 @@ async def measure(system: str, seconds: float) -> dict[str, Any]:
         out = Path(tmp) / "stages.json"
         prefix = (STAGES_SCRIPT, str(out))
         _stages.reset()
-        async with relay.streaming(system, prefix=prefix) as stream:
+        async with relay.streaming(system, prefix=prefix, keep_every=PSNR_EVERY) as stream:
             start = time.monotonic()
             await asyncio.sleep(seconds)
             end = time.monotonic()
             await asyncio.sleep(relay.GRACE)
             sent = {n: t for n, t in stream.browser.camera.sent.items() if start <= t <= end}
             mine = _stages.events()
+            kept = dict(stream.browser.kept)
         server_events = json.loads(out.read_text(encoding="utf-8"))
     browser, server = Process(mine, sent), Process(server_events, sent)
     durations = stages(browser, server, sent)
@@ -153,7 +159,18 @@ async def measure(system: str, seconds: float) -> dict[str, Any]:
         name: {"p50": pct(v, 0.5), "p95": pct(v, 0.95), "count": len(v)}
         for name, v in durations.items()
     }
-    return {"frames_sent": len(sent), "frames_traced": len(durations["total"]), "stages": table}
+    psnrs = [
+        relay.psnr(relay.luma_of(relay.counter_frame(n)), luma)
+        for n, luma in kept.items()
+        if n in sent
+    ]
+    return {
+        "frames_sent": len(sent),
+        "frames_traced": len(durations["total"]),
+        "stages": table,
+        "psnr_db": round(statistics.mean(psnrs), 2) if psnrs else None,
+        "psnr_frames": len(psnrs),
+    }
 
 
 async def run(seconds: float) -> dict[str, Any]:
@@ -194,7 +211,10 @@ def summary(results: dict[str, Any]) -> str:
             cells.append(f"{_ms(st['p50']) + ' / ' + _ms(st['p95']):>22}")
         lines.append(f"{name:<22}" + "".join(cells))
     for system, s in systems.items():
-        lines.append(f"{system}: {s['frames_traced']} of {s['frames_sent']} frames traced")
+        lines.append(
+            f"{system}: {s['frames_traced']} of {s['frames_sent']} frames traced, returned-frame "
+            f"PSNR {s['psnr_db']} dB ({s['psnr_frames']} frames)"
+        )
     lines.append(f"ratio total p50 scope-trio / asyncio: {results['ratio_p50']}")
     lines += [f"error: {m.splitlines()[0]}" for m in results["error_messages"]]
     return "\n".join(lines)
@@ -219,6 +239,19 @@ def check(report: Report, baselines: dict[str, Report]) -> Checks:
         )
     else:
         checks.add("total p50 ms", _ms(p50), "none", "-", None)
+    ours_psnr = results["systems"].get("scope-trio", {}).get("psnr_db")
+    theirs_psnr = results["systems"].get("asyncio", {}).get("psnr_db")
+    if ours_psnr is not None and theirs_psnr is not None:
+        floor = theirs_psnr - PSNR_SLACK
+        checks.add(
+            "returned PSNR dB (vs plain relay)",
+            f"{ours_psnr:g}",
+            f"{theirs_psnr:g}",
+            f">= {floor:.2f}",
+            ours_psnr >= floor,
+        )
+    note = "met" if spread is not None and spread <= TARGET_SPREAD else "not met"
+    checks.add("total p95-p50 (target)", _ms(spread), "-", f"<= 40 {note}", None)
     ratio = results["ratio_p50"]
     note = "met" if ratio is not None and ratio <= TARGET_RATIO else "not met"
     checks.add("ratio to plain relay (target)", str(ratio), "-", f"<= {TARGET_RATIO} {note}", None)

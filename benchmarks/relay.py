@@ -132,6 +132,21 @@ def counter_frame(n: int) -> VideoFrame:
     return frame
 
 
+def luma_of(frame: VideoFrame) -> bytes:
+    """The luma plane of a frame, rows without padding."""
+    if frame.format.name != "yuv420p" or frame.width != WIDTH or frame.height != HEIGHT:
+        frame = frame.reformat(width=WIDTH, height=HEIGHT, format="yuv420p")
+    plane = frame.planes[0]
+    data, stride = bytes(plane), plane.line_size
+    return b"".join(data[y * stride : y * stride + WIDTH] for y in range(HEIGHT))
+
+
+def psnr(a: bytes, b: bytes) -> float:
+    """Luma PSNR in dB of two equally sized planes (99 for identical ones)."""
+    sse = sum((x - y) * (x - y) for x, y in zip(a, b, strict=True))
+    return 99.0 if sse == 0 else 10 * math.log10(255 * 255 * len(a) / sse)
+
+
 def read_counter(frame: VideoFrame) -> int | None:
     """The number a received frame carries, or None (black, held, garbled)."""
     if frame.format.name != "yuv420p" or frame.width != WIDTH or frame.height != HEIGHT:
@@ -259,6 +274,9 @@ class Browser:
     arrivals: list[tuple[float, int | None]] = field(default_factory=list)
     first: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    keep_every: int = 0
+    """Keep the luma of the first arrival of every ``keep_every``-th number (0: none)."""
+    kept: dict[int, bytes] = field(default_factory=dict)
 
     def on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
@@ -273,6 +291,8 @@ class Browser:
                 return
             n = read_counter(frame) if isinstance(frame, VideoFrame) else None
             self.arrivals.append((time.monotonic(), n))
+            if n is not None and self.keep_every and n % self.keep_every == 0:
+                self.kept.setdefault(n, luma_of(frame))
             if n is not None:
                 self.first.set()
 
@@ -497,18 +517,23 @@ class Stream:
 
 @contextlib.asynccontextmanager
 async def streaming(
-    system: str, *, separate_cloud: bool = False, prefix: tuple[str, ...] = ()
+    system: str,
+    *,
+    separate_cloud: bool = False,
+    prefix: tuple[str, ...] = (),
+    keep_every: int = 0,
 ) -> AsyncIterator[Stream]:
     """Start ``system``'s server, connect a browser, wait for frames back (and settle).
 
     ``separate_cloud``: scope-trio's dev cloud runs as a process of its own. ``prefix``:
     arguments before the server's own on its command line (``latency.py``'s tracer).
+    ``keep_every``: see :attr:`Browser.keep_every` (for PSNR).
     """
     server = make_server(system, separate_cloud=separate_cloud)
     server.prefix = prefix
     pc = RTCPeerConnection()
     camera = CounterCamera()
-    browser = Browser(pc, camera)
+    browser = Browser(pc, camera, keep_every=keep_every)
     try:
         await asyncio.wait_for(server.start(), START_TIMEOUT)
         pc.on("track", browser.on_track)

@@ -305,3 +305,55 @@ async def test_video_keeps_flowing_with_bounded_latency_through_loss_and_jitter(
     delays = [arrival - sent for arrival, sent in arrivals]
     tail = delays[-len(delays) // 3 :]
     assert statistics.median(tail) - min(delays) < 0.15
+
+
+def test_an_outage_is_skipped_at_once_with_a_keyframe_request() -> None:
+    """A gap of more than OUTAGE of media time (a blip): its packets are stale, so nothing
+    is NACKed and a keyframe is asked for at once, not after give_up."""
+    buf = FrameBuffer(give_up=10.0)
+    stream = frames(20, keys=(0, 19))
+    out = [n for pkt in stream[0] + stream[1] for n in feed(buf, pkt)]
+    assert out == [0, 1]
+    # Frames 2..11 (0.33 s) lost in an outage; frame 12 arrives.
+    out = [n for pkt in stream[12] for n in feed(buf, pkt, 0.4)]
+    assert out == []
+    assert buf.holes == []  # nothing stale is asked for
+    assert buf.actions(0.4).pli
+    out = [n for frame in stream[13:] for pkt in frame for n in feed(buf, pkt, 0.5)]
+    assert out == [19]
+
+
+def test_the_give_up_bound_follows_the_round_trip_of_retransmissions() -> None:
+    buf = FrameBuffer()
+    assert buf.current_give_up == 0.5  # no round trip known yet
+    stream = frames(12, packets=2)
+    t = 0.0
+    for k in range(0, 12, 3):  # a packet of every third frame comes back 0.3 s later
+        lost = stream[k][1]
+        for frame in stream[k : k + 3]:
+            for pkt in frame:
+                if pkt is not lost:
+                    feed(buf, pkt, t)
+        buf.add(lost.seq, lost.ts, True, lost.data, t + 0.3, retransmission=True)
+        buf.ready()
+        t += 0.4
+    assert abs(buf.current_give_up - (2.5 * 0.3 + 0.1)) < 1e-6
+    assert abs(buf.current_nack_interval - 1.2 * 0.3) < 1e-6
+    # A reordered packet (not a retransmission) says nothing about the round trip.
+    quick = FrameBuffer()
+    a, b = frames(2, packets=2)
+    feed(quick, a[0])
+    feed(quick, a[1])
+    feed(quick, b[1], 0.01)
+    feed(quick, b[0], 0.02)
+    assert quick.current_give_up == 0.5
+
+
+def test_a_stream_with_a_large_first_timestamp_is_no_outage() -> None:
+    buf = FrameBuffer()
+    stream = frames(3, ts0=0x7000_0000)
+    lost = stream[0][1]
+    out = [n for frame in stream for pkt in frame if pkt is not lost for n in feed(buf, pkt)]
+    assert out == []
+    assert buf.holes == [lost.seq]
+    assert feed(buf, lost) == [0, 1, 2]

@@ -527,6 +527,13 @@ class InstalledFrameBuffer:
         self._timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Future[None] | None = None
         self._closed = False
+        self.retransmission = False
+        """The packet being handled came as RTX (set before aiortc unwraps it)."""
+
+    def arrived(self, packet: Any) -> None:
+        """A raw RTP packet reached the receiver (before aiortc unwraps RTX)."""
+        codec = _get(self._receiver, "_RTCRtpReceiver__codecs").get(packet.payload_type)
+        self.retransmission = codec is not None and str(codec.name).lower() == "rtx"
 
     def add(self, packet: Any) -> tuple[bool, None]:
         """aiortc's ``JitterBuffer.add``: takes the depayloaded packet (``packet._data``)."""
@@ -549,6 +556,7 @@ class InstalledFrameBuffer:
             data,
             time.monotonic(),
             start=start,
+            retransmission=self.retransmission,
         )
         self._deliver()
         return False, None
@@ -627,6 +635,7 @@ def install_frame_buffers(pc: RTCPeerConnection, loop: asyncio.AbstractEventLoop
         async def handle(
             packet: Any, arrival_time_ms: int, *, _h: Any = handle_rtp, _i: Any = installed
         ) -> None:
+            _i.arrived(packet)
             await _h(packet, arrival_time_ms)
             await _i.act()
 

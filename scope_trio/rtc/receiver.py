@@ -17,12 +17,20 @@ Guarantees:
   partition 0). Frames leave in sequence order, every ready frame at once (no backlog).
 * **Decodable output only.** After a frame is lost (given up) nothing is released until a
   complete keyframe, so the decoder never gets a frame whose reference is missing.
-* **Holes are re-NACKed on a timer**, every ``nack_interval`` while they are younger than
-  ``give_up`` (aiortc's NACK generator asks once, when the gap appears).
-* **Bounded wait.** A hole older than ``give_up`` drops the incomplete frame(s), requests a
-  keyframe (PLI, repeated every ``pli_interval`` while none comes) and skips to the newest
-  complete keyframe; a complete keyframe behind a hole is skipped to at once. Nothing waits
-  longer than ``give_up`` for a missing packet, so latency stays bounded after any loss.
+* **Holes are re-NACKed on a timer** (aiortc's NACK generator asks once, when the gap
+  appears), at most every ``nack_interval`` and, once retransmissions have been seen, only
+  after 1.2x the slowest recent one's round trip (so an answer still on its way is not asked
+  for again).
+* **Bounded wait.** A hole older than the give-up bound (``give_up`` until a round trip is
+  known; then 2.5x the slowest recent retransmission's + 0.1 s, within 0.2-1.2 s: a lost
+  retransmission gets a second chance) drops the incomplete frame(s), requests a keyframe
+  (PLI, repeated every ``pli_interval`` while none comes) and skips to the newest complete
+  keyframe; a complete keyframe behind a hole is skipped to at once. A gap of more than
+  ``OUTAGE`` (0.25 s) of media time is an outage: its packets are stale, so they are not
+  NACKed and the keyframe is asked for at once. Nothing waits longer than the bound for a
+  missing packet, and a released backlog leaves at once, so latency stays bounded after
+  any loss (at the price of the frames a stall skipped: they are decoded, for their
+  references, but the relay forwards only the newest).
 * Sequence numbers wrap (16 bits, unwrapped to a running index); timestamps are compared only
   for equality, so their wrap needs nothing. Duplicates and packets of frames already
   released or dropped are ignored. At most ``max_packets`` are held (the oldest frames go).
@@ -30,6 +38,7 @@ Guarantees:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -43,11 +52,20 @@ __all__ = [
     "vp8_starts_frame",
 ]
 
-NACK_INTERVAL = 0.05
-"""Seconds between two NACKs of the same hole (the first goes when the gap appears)."""
+NACK_INTERVAL = 0.04
+"""Least seconds between two NACKs of the same hole (the first goes when the gap appears);
+once holes have been filled, a hole is asked again only after 1.2x the slowest recent fill
+(a round trip, so a retransmission still on its way is not asked for again)."""
 GIVE_UP = 0.5
-"""Seconds a hole may stay unfilled before its frame is dropped and a keyframe requested:
-covers a retransmission at 300 ms RTT plus one re-NACK."""
+"""Seconds a hole may stay unfilled before its frame is dropped and a keyframe requested,
+until the round trip is known; then 2.5x the slowest recent fill + 0.1 s, within
+[GIVE_UP_MIN, GIVE_UP_MAX]: a lost retransmission gets a second chance on any path."""
+GIVE_UP_MIN, GIVE_UP_MAX = 0.2, 1.2
+FILLS_REMEMBERED = 16
+OUTAGE = 0.25
+"""A gap whose media time exceeds this (seconds) is an outage, not a loss: its packets are
+stale, so the buffer skips them and asks for a keyframe at once instead of NACKing them."""
+CLOCK_RATE = 90_000
 PLI_INTERVAL = 0.3
 """Seconds between keyframe requests while waiting for one."""
 MAX_PACKETS = 1024
@@ -139,13 +157,20 @@ class FrameBuffer:
         give_up: float = GIVE_UP,
         pli_interval: float = PLI_INTERVAL,
         max_packets: int = MAX_PACKETS,
+        adaptive: bool = True,
     ) -> None:
         self.codec = codec.lower()
         self._is_keyframe = KEYFRAME_TESTS.get(self.codec, vp8_is_keyframe)
         self.nack_interval = nack_interval
         self.give_up = give_up
+        self.adaptive = adaptive
+        """False: ``give_up`` stays fixed (tests); True: it follows the round trip."""
         self.pli_interval = pli_interval
         self.max_packets = max_packets
+        self._fills: deque[float] = deque(maxlen=FILLS_REMEMBERED)
+        """Seconds from a hole's appearance to its fill by a retransmission (a round trip,
+        or more when a NACK or its answer was lost), for the last few such holes."""
+        self._highest_timestamp = 0
         self._packets: dict[int, _Packet] = {}
         self._holes: dict[int, _Hole] = {}
         self._highest: int | None = None
@@ -173,24 +198,54 @@ class FrameBuffer:
         now: float,
         *,
         start: bool = False,
+        retransmission: bool = False,
     ) -> None:
-        """One depayloaded packet; ``start``: the codec says it begins a frame."""
+        """One depayloaded packet; ``start``: the codec says it begins a frame;
+        ``retransmission``: it came as RTX, an answer to a NACK (its fill time is a round
+        trip, which sets the NACK interval and the give-up bound)."""
         index = self._unwrap(sequence_number)
         if index is None or index in self._packets:
             return  # stale, or a duplicate
         if self._next is not None and index < self._next:
             return  # too late: its frame was released or dropped
-        self._packets[index] = _Packet(timestamp, marker, start, data)
-        self._holes.pop(index, None)
         assert self._highest is not None
+        if index == self._highest:
+            self._highest_timestamp = timestamp  # the first packet (or of a restart)
+        if index > self._highest + 1 and self._outage(timestamp):
+            self._drop_before(index)  # what the outage lost is stale: skip it all
+            self._lost()
+            self._highest = index - 1
+        self._packets[index] = _Packet(timestamp, marker, start, data)
+        hole = self._holes.pop(index, None)
+        if hole is not None and retransmission:
+            self._fills.append(now - hole.noticed)
         if index > self._highest:
             for missing in range(self._highest + 1, index):
                 self._holes[missing] = _Hole(now, now)  # aiortc NACKs a new gap at once
             self._highest = index
+            self._highest_timestamp = timestamp
         self._release(now)
         if len(self._packets) > self.max_packets:
             self._drop_before(sorted(self._packets)[len(self._packets) - self.max_packets])
             self._lost()
+
+    def _outage(self, timestamp: int) -> bool:
+        jump = (timestamp - self._highest_timestamp + 0x80000000) % 0x100000000 - 0x80000000
+        return jump > OUTAGE * CLOCK_RATE
+
+    @property
+    def current_nack_interval(self) -> float:
+        """Seconds between two NACKs of one hole now (see :data:`NACK_INTERVAL`)."""
+        if not self._fills:
+            return self.nack_interval
+        return max(self.nack_interval, min(0.4, 1.2 * max(self._fills)))
+
+    @property
+    def current_give_up(self) -> float:
+        """Seconds a hole may wait now (see :data:`GIVE_UP`)."""
+        if not self._fills or not self.adaptive:
+            return self.give_up
+        return max(GIVE_UP_MIN, min(GIVE_UP_MAX, 2.5 * max(self._fills) + 0.1))
 
     def _unwrap(self, sequence_number: int) -> int | None:
         if self._highest is None:
@@ -219,8 +274,9 @@ class FrameBuffer:
         ``give_up`` (their frames are dropped, so :meth:`ready` may have frames after it)."""
         self._release(now)
         out = Actions()
+        interval = self.current_nack_interval
         for index, hole in self._holes.items():
-            if now - hole.nacked >= self.nack_interval:
+            if now - hole.nacked >= interval:
                 hole.nacked = now
                 out.nack.append(index & 0xFFFF)
         self.nacks_sent += len(out.nack)
@@ -237,8 +293,9 @@ class FrameBuffer:
 
     def next_deadline(self) -> float | None:
         """When :meth:`actions` next has something to do (None: nothing pending)."""
-        times = [h.nacked + self.nack_interval for h in self._holes.values()]
-        times += [h.noticed + self.give_up for h in self._holes.values()]
+        interval, give_up = self.current_nack_interval, self.current_give_up
+        times = [h.nacked + interval for h in self._holes.values()]
+        times += [h.noticed + give_up for h in self._holes.values()]
         if self._need_keyframe and self._pli_due:
             last = self._last_pli
             times.append(0.0 if last is None else last + self.pli_interval)
@@ -337,7 +394,8 @@ class FrameBuffer:
                 continue
             if self._need_keyframe and self._drop_front():
                 continue
-            expired = [i for i, h in self._holes.items() if now - h.noticed >= self.give_up]
+            give_up = self.current_give_up
+            expired = [i for i, h in self._holes.items() if now - h.noticed >= give_up]
             if expired:
                 self._drop_before(max(expired) + 1)  # drop the incomplete frame(s)
                 self._lost()
