@@ -357,3 +357,50 @@ def test_a_stream_with_a_large_first_timestamp_is_no_outage() -> None:
     assert out == []
     assert buf.holes == [lost.seq]
     assert feed(buf, lost) == [0, 1, 2]
+
+
+async def test_every_video_receiver_of_a_peer_connection_gets_the_buffer(
+    aio_loop: object,
+) -> None:
+    """Both sides of an ``rtc.PeerConnection`` pair (the offerer's sendrecv receiver too),
+    installed when the remote description is applied, and frames decode through it."""
+    async with rtc.PeerConnection() as offerer, rtc.PeerConnection() as answerer:
+        source = rtc.TrioVideoSource(fps=30, width=64, height=64)
+        reply = rtc.TrioVideoSource(fps=30, width=64, height=64)
+        try:
+            offerer.add_track(source)
+            offer = await offerer.create_offer()
+            answer = await answerer.answer(offer.sdp, send_tracks=[reply])
+            await offerer.apply_answer(answer.sdp)
+            for pc in (offerer, answerer):
+                receivers = [t.receiver for t in pc._pc.getTransceivers() if t.kind == "video"]
+                assert receivers
+                assert all(internals.installed_frame_buffer(r) for r in receivers)
+            got: list[VideoFrame] = []
+            done = trio.Event()
+
+            def on_frame(frame: VideoFrame) -> None:
+                got.append(frame)
+                if len(got) >= 5:
+                    done.set()
+
+            async with trio.open_nursery() as nursery:
+                with trio.fail_after(WAIT):
+                    track = await answerer.tracks.receive()
+                nursery.start_soon(track.receive_video, on_frame)
+                for n in range(200):
+                    source.push(_moving_frame(n))
+                    with trio.move_on_after(1 / 30):
+                        await done.wait()
+                    if done.is_set():
+                        break
+                nursery.cancel_scope.cancel()
+            assert len(got) >= 5
+            (receiver,) = [t.receiver for t in answerer._pc.getTransceivers()]
+            installed = internals.installed_frame_buffer(receiver)
+            assert installed is not None
+            assert installed.buffer is not None
+            assert installed.buffer.frames_released >= 5
+        finally:
+            source.stop()
+            reply.stop()
