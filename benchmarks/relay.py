@@ -25,10 +25,11 @@ serve`` with no cloud configured):
   signaling is set-up cost, not per-frame cost). Browser offer and answer go over the
   subprocess's stdin/stdout. Media path: browser pc → relay pc (answer) → decode → relay's
   own pc to the cloud (offer) → cloud pc: decode, passthrough, encode → relay pc → decode →
-  browser pc. Outbound tracks are :class:`scope_trio.rtc.TrioVideoSource` (an asyncio-side
-  class: newest frame only, paced at 30 fps) in both servers, so pacing and frame dropping
-  are identical and the difference is what trio, trio-asyncio and scope-trio's supervision
-  cost. ICE consent timing is tuned the same way in both (``rtc.tune_ice_consent``).
+  browser pc. Its outbound tracks are :class:`TickedVideoSource` (newest frame only, sent on
+  a fixed 30 fps tick) and its receivers keep aiortc's own jitter buffer: it is the plain
+  aiortc relay, as scope-trio itself was before issue 13 (scope-trio now releases frames when
+  whole and forwards them at once: ``scope_trio.rtc.receiver``, ``rtc.TrioVideoSource``).
+  ICE consent timing is tuned the same way in both (``rtc.tune_ice_consent``).
 
 Each round measures both servers, alternating which goes first (round 1: scope-trio first,
 round 2: asyncio first, ...). Ratios are scope-trio / asyncio over all rounds: CPU per frame
@@ -129,6 +130,21 @@ def counter_frame(n: int) -> VideoFrame:
     for chroma in frame.planes[1:]:
         chroma.update(bytes([128]) * chroma.buffer_size)
     return frame
+
+
+def luma_of(frame: VideoFrame) -> bytes:
+    """The luma plane of a frame, rows without padding."""
+    if frame.format.name != "yuv420p" or frame.width != WIDTH or frame.height != HEIGHT:
+        frame = frame.reformat(width=WIDTH, height=HEIGHT, format="yuv420p")
+    plane = frame.planes[0]
+    data, stride = bytes(plane), plane.line_size
+    return b"".join(data[y * stride : y * stride + WIDTH] for y in range(HEIGHT))
+
+
+def psnr(a: bytes, b: bytes) -> float:
+    """Luma PSNR in dB of two equally sized planes (99 for identical ones)."""
+    sse = sum((x - y) * (x - y) for x, y in zip(a, b, strict=True))
+    return 99.0 if sse == 0 else 10 * math.log10(255 * 255 * len(a) / sse)
 
 
 def read_counter(frame: VideoFrame) -> int | None:
@@ -258,6 +274,9 @@ class Browser:
     arrivals: list[tuple[float, int | None]] = field(default_factory=list)
     first: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    keep_every: int = 0
+    """Keep the luma of the first arrival of every ``keep_every``-th number (0: none)."""
+    kept: dict[int, bytes] = field(default_factory=dict)
 
     def on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "video":
@@ -272,6 +291,8 @@ class Browser:
                 return
             n = read_counter(frame) if isinstance(frame, VideoFrame) else None
             self.arrivals.append((time.monotonic(), n))
+            if n is not None and self.keep_every and n % self.keep_every == 0:
+                self.kept.setdefault(n, luma_of(frame))
             if n is not None:
                 self.first.set()
 
@@ -306,6 +327,8 @@ class Server:
     """A relay server subprocess: start it, offer to it, stop it."""
 
     name = ""
+    prefix: tuple[str, ...] = ()
+    """Arguments before the server's own (``latency.py``: its stage tracer)."""
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
@@ -323,6 +346,7 @@ class Server:
             env.pop(name, None)  # both servers use their embedded cloud
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *self.prefix,
             *args,
             stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
@@ -492,15 +516,24 @@ class Stream:
 
 
 @contextlib.asynccontextmanager
-async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterator[Stream]:
+async def streaming(
+    system: str,
+    *,
+    separate_cloud: bool = False,
+    prefix: tuple[str, ...] = (),
+    keep_every: int = 0,
+) -> AsyncIterator[Stream]:
     """Start ``system``'s server, connect a browser, wait for frames back (and settle).
 
-    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own.
+    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own. ``prefix``:
+    arguments before the server's own on its command line (``latency.py``'s tracer).
+    ``keep_every``: see :attr:`Browser.keep_every` (for PSNR).
     """
     server = make_server(system, separate_cloud=separate_cloud)
+    server.prefix = prefix
     pc = RTCPeerConnection()
     camera = CounterCamera()
-    browser = Browser(pc, camera)
+    browser = Browser(pc, camera, keep_every=keep_every)
     try:
         await asyncio.wait_for(server.start(), START_TIMEOUT)
         pc.on("track", browser.on_track)
@@ -528,6 +561,34 @@ async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterat
 # ---------------------------------------------------------------- the reference relay
 
 
+class TickedVideoSource(rtc.TrioVideoSource):
+    """The reference's outbound track: newest frame only, sent on a fixed ``fps`` tick.
+
+    That is how :class:`scope_trio.rtc.TrioVideoSource` sent until it learned to forward a
+    frame at once (issue 13); the reference keeps the tick so that it stays the plain
+    aiortc relay every earlier figure was measured against (a typical asyncio relay paces
+    its outbound track the same way, as aiortc's own ``VideoStreamTrack`` does).
+    """
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = self._next_slot = now
+        if self._next_slot > now:
+            await asyncio.sleep(self._next_slot - now)
+        frame, _ = await self._next_frame()
+        now = time.monotonic()
+        self._next_slot = max(self._next_slot + self._interval, now)
+        pts = max(int((now - self._t0) * 90_000), self._last_pts + 1)
+        self._last_pts = pts
+        frame.pts = pts
+        frame.time_base = _TIME_BASE
+        self.frames_sent += 1
+        return frame
+
+
 class ReferenceRelay:
     """Plain asyncio: browser pc (answer) → own pc to an in-process cloud pc (offer) → back."""
 
@@ -535,9 +596,9 @@ class ReferenceRelay:
         self.browser_pc = RTCPeerConnection()
         self.cloud_link = RTCPeerConnection()  # the relay's side of the cloud session
         self.cloud_pc = RTCPeerConnection()  # the cloud's side
-        self.to_cloud = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
-        self.cloud_out = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
-        self.to_browser = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
+        self.to_cloud = TickedVideoSource(fps=FPS, idle_timeout=None)
+        self.cloud_out = TickedVideoSource(fps=FPS, idle_timeout=None)
+        self.to_browser = TickedVideoSource(fps=FPS, idle_timeout=None)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _pump(self, track: MediaStreamTrack, sink: Callable[[VideoFrame], None]) -> None:

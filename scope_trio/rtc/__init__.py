@@ -9,6 +9,9 @@ Modules, one concern each:
   :class:`RemoteTrack`: a peer connection in trio terms, closed exactly once.
 * :mod:`~scope_trio.rtc.tracks`: :class:`TrioVideoSource` (outbound video fed from trio),
   inbound frames into trio, keyframe requests.
+* :mod:`~scope_trio.rtc.receiver`: the receive buffer every video receiver we build gets in
+  place of aiortc's (frames out when whole, re-NACKs on a timer, bounded waits, keyframe
+  requests); installed by :mod:`~scope_trio.rtc.raw` when a remote description is applied.
 * :mod:`~scope_trio.rtc.sdp`: checks of client SDP and trickled ICE candidates.
 * :mod:`~scope_trio.rtc.datagrams`: the ICE sockets' inbound activity and fault injection.
 * :mod:`~scope_trio.rtc.consent`: ICE consent timing and :func:`configure_process`, the
