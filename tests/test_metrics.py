@@ -75,6 +75,7 @@ def test_loss_labels_are_the_loss_kinds() -> None:
         "path_silence",
         "no_video",
         "track_ended",
+        "uplink_dead",
         "link_lost",
         "session_crashed",
         "other",
