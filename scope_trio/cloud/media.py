@@ -19,8 +19,9 @@ Loss of packets is not loss of the session. Three failures are told apart:
   encoder for the cloud's decoder), so live pictures come back a round trip later instead of
   after the stale backlog;
 * **the server→cloud direction is dead**: the cloud's RTCP receiver reports say it has
-  received nothing we sent for ``uplink_silence_timeout`` seconds beyond a round trip and any
-  silence of both directions (:mod:`scope_trio.rtc.uplink`), while it still talks to us;
+  received nothing we sent for ``uplink_silence_timeout`` seconds beyond a round trip
+  (:mod:`scope_trio.rtc.uplink`), while it still talks to us (after a two-way silence, only
+  if its video does not follow within a round trip: that was a blip);
 * **the decoder is stuck while packets still flow**: no frame for ``stall_timeout`` seconds
   starts an in-place recovery (keyframe requests every 0.25 s; the receive path handles its
   own holes); only if no picture returns within ``stall_recovery_timeout`` more is it a loss.
@@ -61,6 +62,9 @@ RETURN_GAP = 0.2
 returned: a keyframe is requested at once (video never leaves such a gap on a live path)."""
 RETURN_POLL = 0.02
 """How often the inbound direction is looked at for a return (adds at most this much)."""
+UPLINK_CONFIRM = 0.1
+"""Beyond a round trip: how long the cloud's video is awaited before an ambiguous starved
+report (after a silence of both directions) is taken as a dead server→cloud direction."""
 KEYFRAME_INTERVAL = 0.25
 """Pause between keyframe requests while pictures are awaited."""
 
@@ -97,12 +101,14 @@ class MediaConfig:
     lost. A keyframe takes a round trip to be asked for and sent, plus a retransmission
     round trip when one of its packets is lost: ~0.7 s at 300 ms RTT with 3 % loss (see
     ``benchmarks/README.md``, network). ``0``: the stall is a loss at once, as before."""
-    uplink_silence_timeout: float = 0.5
-    """The cloud's receiver reports say it received nothing we sent for this long, beyond a
-    round trip and beyond any silence of both directions: the server→cloud direction is
-    dead, a loss. Reports come every 0.5-1.5 s, so this is seen 0.5-2 s after the fault
-    (~1 s typically). On a healthy path the excess stays under ~0.15 s even at 3 % bursty
-    loss (consecutive losses of our packets). ``math.inf`` turns it off."""
+    uplink_silence_timeout: float = 0.3
+    """The cloud's receiver reports say it received nothing we sent for this long beyond a
+    round trip: the server→cloud direction is dead, a loss. (When the report follows a
+    silence of our inbound direction, it could also be a two-way blip reported just before
+    our packets reached the cloud again: then the cloud's video is awaited a round trip
+    + 0.1 s first.) Healthy, the excess stays within ±0.1 s (measured: about 0 at 100 ms
+    RTT). The cloud reports every 0.5-1.5 s, so a dead direction is seen at the first report
+    0.3 s + RTT after the fault: 0.5-2 s, ~1 s typically. ``math.inf`` turns it off."""
     path_silence_timeout: float = 1.0
     """No datagram at all from the cloud (RTP, RTCP, STUN, anything) for this long, once
     connected, is a loss. A long round trip only delays packets; silence means the path is
@@ -471,13 +477,28 @@ class _LossWatch:
             return
         while True:
             report = await receipts.next_report()
-            if report.unexplained >= limit:
+            if report.beyond_rtt < limit:
+                continue
+            if report.inbound_gap < RETURN_GAP or await self._sending_dead(receipts):
                 detail = (
                     f"the cloud received nothing we sent for {report.starved_for:.1f} s "
                     "(the server→cloud direction is dead)"
                 )
                 self.lost(LossKind.UPLINK_DEAD, detail)
                 return
+
+    async def _sending_dead(self, receipts: rtc.UplinkReceipts) -> bool:
+        """A starved report after a silence of our inbound direction is ambiguous: the
+        server→cloud direction died (the cloud's video stopped with its input, only its
+        sparse RTCP reaches us), or both directions blipped and the report was sent just
+        before our packets reached the cloud again. After a blip the cloud's video follows
+        within a round trip; wait that long (+ ``UPLINK_CONFIRM``) for its RTP."""
+        report = receipts.latest
+        assert report is not None
+        with trio.move_on_after((report.rtt or 0.0) + UPLINK_CONFIRM):
+            await receipts.wait_rtp()
+            return False
+        return True
 
     async def keyframe_requests(self) -> None:
         """PLI until a frame decodes: the sender's SSRC is known only once RTP arrives."""

@@ -661,7 +661,7 @@ def observe_sent_rtp(protocol: Any, on_sent: Callable[[int, int], None]) -> None
 
     async def send_data_observed(data: bytes, addr: tuple[str, int]) -> None:
         # RTP version 2, and not RTCP (payload types 192-223 share the byte with the marker)
-        if len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223:
+        if _is_rtp(data):
             ssrc = int.from_bytes(data[8:12], "big")
             seq = int.from_bytes(data[2:4], "big")
             for observer in observers:
@@ -670,6 +670,31 @@ def observe_sent_rtp(protocol: Any, on_sent: Callable[[int, int], None]) -> None
 
     protocol.send_data = send_data_observed
     protocol._scope_trio_sent = observers
+
+
+def _is_rtp(data: bytes) -> bool:
+    return len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223
+
+
+def observe_received_rtp(protocol: Any, on_received: Callable[[], None]) -> None:
+    """Call ``on_received()`` for every RTP datagram (not RTCP, STUN or DTLS) the aioice
+    protocol receives, on arrival (before a fault filter of the datagram tap, if that was
+    installed later). Wraps ``datagram_received`` once per protocol; later calls add."""
+    observers: list[Callable[[], None]] | None = getattr(protocol, "_scope_trio_rtp_in", None)
+    if observers is not None:
+        observers.append(on_received)
+        return
+    observers = [on_received]
+    datagram_received = _get(protocol, "datagram_received")
+
+    def datagram_received_observed(data: bytes, addr: tuple[Any, ...]) -> None:
+        if _is_rtp(data):
+            for observer in observers:
+                observer()
+        datagram_received(data, addr)
+
+    protocol.datagram_received = datagram_received_observed
+    protocol._scope_trio_rtp_in = observers
 
 
 # END section "outgoing media receipt"

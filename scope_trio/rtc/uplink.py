@@ -10,8 +10,9 @@ a dead sending direction that neither path silence (we still receive) nor the st
 watchdog (frames stop only as a consequence, 2 s later) gives early.
 
 A silence of both directions (a blip) also starves the remote: the longest silence of our
-inbound direction within the starved window is reported beside it, so a judge can subtract
-what a two-way outage explains (see :mod:`scope_trio.cloud.media`).
+inbound direction within the starved window is reported beside it, and the arrival of the
+remote's RTP can be awaited (:meth:`UplinkReceipts.wait_rtp`), so a judge can tell a blip
+that just ended from a dead direction (see :mod:`scope_trio.cloud.media`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class UplinkReport:
     """The longest silence of our inbound direction within the starved window."""
 
     @property
-    def unexplained(self) -> float:
-        """Starvation not explained by a round trip or by a silence of both directions."""
-        return self.starved_for - (self.rtt or 0.0) - self.inbound_gap
+    def beyond_rtt(self) -> float:
+        """Starvation beyond what a round trip explains."""
+        return self.starved_for - (self.rtt or 0.0)
 
 
 class UplinkReceipts:
@@ -63,8 +64,11 @@ class UplinkReceipts:
         self._gaps: deque[tuple[float, float]] = deque()
         self._last_in = trio.current_time()
         self._changed = trio.Event()
+        self._rtp_waiter: trio.Event | None = None
         self.reports = 0
         """Receiver reports about our stream so far."""
+        self.rtp_received = 0
+        """RTP datagrams received from the remote (its media flows towards us)."""
         self.latest: UplinkReport | None = None
 
     async def next_report(self) -> UplinkReport:
@@ -87,6 +91,18 @@ class UplinkReceipts:
         self._sent.append((seq, now))
         while self._sent and now - self._sent[0][1] > SENT_HISTORY:
             self._sent.popleft()
+
+    async def wait_rtp(self) -> None:
+        """Wait for the next RTP datagram from the remote."""
+        if self._rtp_waiter is None:
+            self._rtp_waiter = trio.Event()
+        await self._rtp_waiter.wait()
+
+    def _on_rtp_received(self) -> None:
+        self.rtp_received += 1
+        waiter, self._rtp_waiter = self._rtp_waiter, None
+        if waiter is not None:
+            waiter.set()
 
     def _on_inbound(self) -> None:
         now = trio.current_time()
@@ -127,6 +143,7 @@ def watch_uplink(pc: RTCPeerConnection, sender: RTCRtpSender) -> UplinkReceipts:
     loop = current_loop()
     for protocol in internals.ice_protocols(pc):
         internals.observe_sent_rtp(protocol, receipts._on_sent)
+        internals.observe_received_rtp(protocol, receipts._on_rtp_received)
         internals.tap(protocol, loop).observers.append(receipts._on_inbound)
     internals.observe_receiver_reports(sender, receipts._on_report)
     return receipts
