@@ -25,10 +25,11 @@ serve`` with no cloud configured):
   signaling is set-up cost, not per-frame cost). Browser offer and answer go over the
   subprocess's stdin/stdout. Media path: browser pc → relay pc (answer) → decode → relay's
   own pc to the cloud (offer) → cloud pc: decode, passthrough, encode → relay pc → decode →
-  browser pc. Outbound tracks are :class:`scope_trio.rtc.TrioVideoSource` (an asyncio-side
-  class: newest frame only, paced at 30 fps) in both servers, so pacing and frame dropping
-  are identical and the difference is what trio, trio-asyncio and scope-trio's supervision
-  cost. ICE consent timing is tuned the same way in both (``rtc.tune_ice_consent``).
+  browser pc. Its outbound tracks are :class:`TickedVideoSource` (newest frame only, sent on
+  a fixed 30 fps tick) and its receivers keep aiortc's own jitter buffer: it is the plain
+  aiortc relay, as scope-trio itself was before issue 13 (scope-trio now releases frames when
+  whole and forwards them at once: ``scope_trio.rtc.receiver``, ``rtc.TrioVideoSource``).
+  ICE consent timing is tuned the same way in both (``rtc.tune_ice_consent``).
 
 Each round measures both servers, alternating which goes first (round 1: scope-trio first,
 round 2: asyncio first, ...). Ratios are scope-trio / asyncio over all rounds: CPU per frame
@@ -306,6 +307,8 @@ class Server:
     """A relay server subprocess: start it, offer to it, stop it."""
 
     name = ""
+    prefix: tuple[str, ...] = ()
+    """Arguments before the server's own (``latency.py``: its stage tracer)."""
 
     def __init__(self) -> None:
         self.proc: asyncio.subprocess.Process | None = None
@@ -323,6 +326,7 @@ class Server:
             env.pop(name, None)  # both servers use their embedded cloud
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            *self.prefix,
             *args,
             stdin=stdin,
             stdout=asyncio.subprocess.PIPE,
@@ -492,12 +496,16 @@ class Stream:
 
 
 @contextlib.asynccontextmanager
-async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterator[Stream]:
+async def streaming(
+    system: str, *, separate_cloud: bool = False, prefix: tuple[str, ...] = ()
+) -> AsyncIterator[Stream]:
     """Start ``system``'s server, connect a browser, wait for frames back (and settle).
 
-    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own.
+    ``separate_cloud``: scope-trio's dev cloud runs as a process of its own. ``prefix``:
+    arguments before the server's own on its command line (``latency.py``'s tracer).
     """
     server = make_server(system, separate_cloud=separate_cloud)
+    server.prefix = prefix
     pc = RTCPeerConnection()
     camera = CounterCamera()
     browser = Browser(pc, camera)
@@ -528,6 +536,34 @@ async def streaming(system: str, *, separate_cloud: bool = False) -> AsyncIterat
 # ---------------------------------------------------------------- the reference relay
 
 
+class TickedVideoSource(rtc.TrioVideoSource):
+    """The reference's outbound track: newest frame only, sent on a fixed ``fps`` tick.
+
+    That is how :class:`scope_trio.rtc.TrioVideoSource` sent until it learned to forward a
+    frame at once (issue 13); the reference keeps the tick so that it stays the plain
+    aiortc relay every earlier figure was measured against (a typical asyncio relay paces
+    its outbound track the same way, as aiortc's own ``VideoStreamTrack`` does).
+    """
+
+    async def recv(self) -> VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self._t0 is None:
+            self._t0 = self._next_slot = now
+        if self._next_slot > now:
+            await asyncio.sleep(self._next_slot - now)
+        frame, _ = await self._next_frame()
+        now = time.monotonic()
+        self._next_slot = max(self._next_slot + self._interval, now)
+        pts = max(int((now - self._t0) * 90_000), self._last_pts + 1)
+        self._last_pts = pts
+        frame.pts = pts
+        frame.time_base = _TIME_BASE
+        self.frames_sent += 1
+        return frame
+
+
 class ReferenceRelay:
     """Plain asyncio: browser pc (answer) → own pc to an in-process cloud pc (offer) → back."""
 
@@ -535,9 +571,9 @@ class ReferenceRelay:
         self.browser_pc = RTCPeerConnection()
         self.cloud_link = RTCPeerConnection()  # the relay's side of the cloud session
         self.cloud_pc = RTCPeerConnection()  # the cloud's side
-        self.to_cloud = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
-        self.cloud_out = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
-        self.to_browser = rtc.TrioVideoSource(fps=FPS, idle_timeout=None)
+        self.to_cloud = TickedVideoSource(fps=FPS, idle_timeout=None)
+        self.cloud_out = TickedVideoSource(fps=FPS, idle_timeout=None)
+        self.to_browser = TickedVideoSource(fps=FPS, idle_timeout=None)
         self.tasks: set[asyncio.Task[None]] = set()
 
     def _pump(self, track: MediaStreamTrack, sink: Callable[[VideoFrame], None]) -> None:

@@ -13,7 +13,7 @@ bringing back a leak the reach-in was fixing.
 Checked against aiortc 1.15.0 with aioice 0.10.2 (Python 3.10) and aiortc 1.16.0 with
 aioice 0.13.0 (3.11+). To add a reach-in: write the accessor here and add a
 :class:`Reliance` to :data:`RELIANCES` saying what it relies on and why (a future
-receive-side jitter buffer replacement belongs here in the same way).
+receive-side jitter buffer replacement is here the same way: :func:`install_frame_buffers`).
 
 One concern, by design: every private reach-in in one place, so that :func:`verify`
 covers them all. That is why the module runs past the usual ~500 lines.
@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
+import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -35,7 +37,12 @@ import aioice.stun
 import aiortc
 import trio
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCRtpSender
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcdtlstransport import RTCDtlsTransport
 from aiortc.rtcicetransport import RTCIceGatherer
+from aiortc.rtcrtpreceiver import NackGenerator, TimestampMapper
+
+from scope_trio.rtc.receiver import FrameBuffer, h264_starts_nal, vp8_starts_frame
 
 __all__ = [
     "RELIANCES",
@@ -175,6 +182,7 @@ def _get(obj: Any, attribute: str) -> Any:
 
 StunProtocol = aioice.ice.StunProtocol
 Connection = aioice.ice.Connection
+logger = logging.getLogger(__name__)
 
 RELIANCES: tuple[Reliance, ...] = (
     Reliance(
@@ -227,6 +235,46 @@ RELIANCES: tuple[Reliance, ...] = (
         "RTCRtpReceiver._send_rtcp_pli",
         "keyframe requests; aiortc has no public API for a PLI",
         _method(RTCRtpReceiver, "_send_rtcp_pli", ("self", "media_ssrc"), coroutine=True),
+    ),
+    Reliance(
+        "RTCRtpReceiver.__jitter_buffer.add(packet) and the decoder queue",
+        "the receive buffer: aiortc reassembles through an object we replace, and frames go "
+        "to the decoder as (codec, JitterFrame) through the timestamp mapper",
+        _all(
+            _source(
+                RTCRtpReceiver,
+                "__init__",
+                "self.__jitter_buffer = JitterBuffer(",
+                "self.__decoder_queue",
+                "self.__timestamp_mapper = TimestampMapper()",
+                "self.__nack_generator = NackGenerator()",
+                "self.__codecs",
+            ),
+            _source(RTCRtpReceiver, "receive", "self.__decoder_thread = threading.Thread("),
+            _method(
+                RTCRtpReceiver,
+                "_handle_rtp_packet",
+                ("self", "packet", "arrival_time_ms"),
+                coroutine=True,
+            ),
+            _source(
+                RTCRtpReceiver,
+                "_handle_rtp_packet",
+                "self.__nack_generator.add(packet)",
+                "packet._data = depayload(",
+                "pli_flag, encoded_frame = self.__jitter_buffer.add(packet)",
+                "self.__decoder_queue.put((codec, encoded_frame))",
+            ),
+            _source(RTCDtlsTransport, "_handle_rtp_data", "receiver._handle_rtp_packet("),
+            _method(JitterFrame, "__init__", ("self", "data", "timestamp"), coroutine=False),
+            _method(TimestampMapper, "map", ("self", "timestamp"), coroutine=False),
+            _source(NackGenerator, "__init__", "self.missing"),
+        ),
+    ),
+    Reliance(
+        "RTCRtpReceiver._send_rtcp_nack",
+        "the receive buffer re-NACKs holes on a timer; aiortc has no public API for a NACK",
+        _method(RTCRtpReceiver, "_send_rtcp_nack", ("self", "media_ssrc", "lost"), coroutine=True),
     ),
     Reliance(
         "aioice consent constants CONSENT_INTERVAL/CONSENT_FAILURES/stun.RETRY_RTO",
@@ -446,6 +494,160 @@ def reap_consent_checks(
 async def send_pli(receiver: RTCRtpReceiver, media_ssrc: int) -> None:
     """Send an RTCP PLI for ``media_ssrc`` from ``receiver`` (asyncio side: await via aio)."""
     await _get(receiver, "_send_rtcp_pli")(media_ssrc)
+
+
+# --------------------------------------------------------------------------------------------
+# The receive buffer of video receivers (scope_trio.rtc.receiver.FrameBuffer in aiortc's place)
+
+
+_installed_buffers: weakref.WeakKeyDictionary[RTCRtpReceiver, InstalledFrameBuffer] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class InstalledFrameBuffer:
+    """Stands in for one video receiver's aiortc ``JitterBuffer``.
+
+    aiortc's ``_handle_rtp_packet`` still does everything up to reassembly (statistics,
+    REMB, RTX unwrapping, the first NACK of a new gap, depayloading) and calls
+    ``add(packet)`` here. This hands the packet to a :class:`FrameBuffer`, puts every frame
+    it completes straight into the receiver's decoder queue (through aiortc's timestamp
+    mapper, exactly as aiortc does) and returns "no frame, no PLI" to aiortc. After each
+    packet, and on a timer while holes or a keyframe request are pending, it sends the
+    re-NACKs and PLIs the buffer asks for, and keeps aiortc's NACK generator from asking
+    for holes the buffer gave up. :meth:`close` cancels the timer and its task.
+    """
+
+    def __init__(self, receiver: RTCRtpReceiver, loop: asyncio.AbstractEventLoop) -> None:
+        self._receiver = receiver
+        self._loop = loop
+        self.buffer: FrameBuffer | None = None
+        self._codec: Any = None
+        self._ssrc: int | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._closed = False
+
+    def add(self, packet: Any) -> tuple[bool, None]:
+        """aiortc's ``JitterBuffer.add``: takes the depayloaded packet (``packet._data``)."""
+        codecs = _get(self._receiver, "_RTCRtpReceiver__codecs")
+        codec = codecs.get(packet.payload_type)
+        if codec is None:
+            return False, None
+        name = str(codec.name).lower()
+        if self.buffer is None or self.buffer.codec != name:
+            self.buffer = FrameBuffer(name)
+        self._codec = codec
+        self._ssrc = packet.ssrc
+        payload = bytes(packet.payload)
+        start = vp8_starts_frame(payload) if name == "vp8" else h264_starts_nal(payload)
+        data = _get(packet, "_data")
+        self.buffer.add(
+            packet.sequence_number,
+            packet.timestamp,
+            bool(packet.marker),
+            data,
+            time.monotonic(),
+            start=start,
+        )
+        self._deliver()
+        return False, None
+
+    def _deliver(self) -> None:
+        assert self.buffer is not None
+        frames = self.buffer.ready()
+        if not frames or _get(self._receiver, "_RTCRtpReceiver__decoder_thread") is None:
+            return
+        mapper = _get(self._receiver, "_RTCRtpReceiver__timestamp_mapper")
+        decoder_queue = _get(self._receiver, "_RTCRtpReceiver__decoder_queue")
+        for frame in frames:
+            timestamp = mapper.map(frame.timestamp)
+            decoder_queue.put((self._codec, JitterFrame(data=frame.data, timestamp=timestamp)))
+
+    async def act(self) -> None:
+        """Send the NACKs and PLI due now; arm the timer for the next deadline."""
+        buffer, ssrc = self.buffer, self._ssrc
+        if buffer is None or ssrc is None or self._closed:
+            return
+        now = time.monotonic()
+        actions = buffer.actions(now)
+        self._deliver()  # a give-up can release a keyframe that waited behind the hole
+        generator = _get(self._receiver, "_RTCRtpReceiver__nack_generator")
+        if generator is not None:
+            generator.missing.intersection_update(buffer.holes)
+        if actions.nack:
+            await _get(self._receiver, "_send_rtcp_nack")(ssrc, actions.nack)
+        if actions.pli:
+            await _get(self._receiver, "_send_rtcp_pli")(ssrc)
+        self._arm(buffer.next_deadline(), now)
+
+    def _arm(self, deadline: float | None, now: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and not self._closed:
+            self._timer = self._loop.call_later(max(0.0, deadline - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or (self._task is not None and not self._task.done()):
+            return
+        if _get(self._receiver, "_RTCRtpReceiver__decoder_thread") is None:
+            return  # the receiver stopped
+        self._task = asyncio.ensure_future(self._act_logged(), loop=self._loop)
+
+    async def _act_logged(self) -> None:
+        try:
+            await self.act()
+        except Exception:  # a timer's failure must not go unretrieved; packets retry it
+            logger.exception("receive buffer timer failed")
+
+    def close(self) -> None:
+        """Stop the timer and its task (the receiver is being closed)."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+
+def install_frame_buffers(pc: RTCPeerConnection, loop: asyncio.AbstractEventLoop) -> int:
+    """Give every video receiver of ``pc`` an :class:`InstalledFrameBuffer` (once each);
+    returns how many were installed now. Call before media flows (right after applying the
+    remote description: receivers start after ICE and DTLS)."""
+    count = 0
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if transceiver.kind != "video" or receiver in _installed_buffers:
+            continue
+        _get(receiver, "_RTCRtpReceiver__jitter_buffer")
+        installed = InstalledFrameBuffer(receiver, loop)
+        handle_rtp = _get(receiver, "_handle_rtp_packet")
+
+        async def handle(
+            packet: Any, arrival_time_ms: int, *, _h: Any = handle_rtp, _i: Any = installed
+        ) -> None:
+            await _h(packet, arrival_time_ms)
+            await _i.act()
+
+        receiver._RTCRtpReceiver__jitter_buffer = installed  # type: ignore[attr-defined]
+        receiver._handle_rtp_packet = handle  # type: ignore[method-assign]
+        _installed_buffers[receiver] = installed
+        count += 1
+    return count
+
+
+def installed_frame_buffer(receiver: RTCRtpReceiver) -> InstalledFrameBuffer | None:
+    """The buffer :func:`install_frame_buffers` gave ``receiver`` (None: aiortc's own)."""
+    return _installed_buffers.get(receiver)
+
+
+def close_frame_buffers(pc: RTCPeerConnection) -> None:
+    """Stop the timers of every installed buffer of ``pc``."""
+    for transceiver in pc.getTransceivers():
+        installed = _installed_buffers.get(transceiver.receiver)
+        if installed is not None:
+            installed.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -145,6 +145,9 @@ async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
         await aio(pc.setRemoteDescription, description)
     except (*MALFORMED_SDP_ERRORS, RuntimeError) as exc:
         raise malformed(exc, "malformed SDP") from exc
+    # Every video receiver now exists and starts only after ICE and DTLS: give it the
+    # receive buffer that releases frames when whole (scope_trio.rtc.receiver).
+    internals.install_frame_buffers(pc, current_loop())
 
 
 def _local_description(pc: RTCPeerConnection) -> RTCSessionDescription:
@@ -195,6 +198,7 @@ async def close_peer_connection(
     loop = current_loop()
     connections = internals.remember_ice_connections(pc)  # before close() takes them apart
     internals.cancel_connect_tasks(pc, loop)
+    internals.close_frame_buffers(pc)
     failure: Exception | None = None
     left_over = 0
     try:
