@@ -241,7 +241,7 @@ DOCS: dict[str, str] = {
     "media.idle_black_after": "without browser video this long, black frames are sent",
     "media.stall_timeout": "no frame from the cloud this long (after the first) starts an in-place recovery (keyframe requests)",
     "media.stall_recovery_timeout": "... and no picture within this long more is a loss",
-    "media.uplink_silence_timeout": "the cloud's receiver reports show it received nothing we sent this long (beyond a round trip and two-way silences): a loss",
+    "media.uplink_silence_timeout": "the cloud's receiver reports show it received nothing we sent this long beyond a round trip: a loss (`uplink_dead`)",
     "media.path_silence_timeout": "no datagram at all from the cloud this long is a loss",
     "media.first_frame_timeout": "no frame at all this long after connecting is a loss",
     "media.close_timeout": "bound on closing a peer connection",
