@@ -68,7 +68,7 @@ from scope_trio.core.supervisor import (
 from scope_trio.dev.fakes import OK, FakeCloud, FakeSession, Plan
 
 BENCHMARK = "race"
-SCHEDULE_FORMAT = 2
+SCHEDULE_FORMAT = 3
 """Bump whenever the schedule generator changes: older baselines stop being comparable."""
 
 FULL_SCHEDULES = 10_000
@@ -103,7 +103,8 @@ PLANS: tuple[tuple[str, Plan], ...] = (
     ("offer built late", Plan(offer_delay=0.5, connect_delay=0.5)),
 )
 POLICIES: tuple[tuple[str, ReconnectPolicy], ...] = (
-    ("scope", ReconnectPolicy()),
+    ("scope", ReconnectPolicy(immediate_first_attempt=False)),
+    ("default", ReconnectPolicy()),
     (
         "tight",
         ReconnectPolicy(

@@ -64,7 +64,9 @@ FAST_LINK_OPTIONS: dict[str, Any] = {
     "ready_timeout": 2.0,
     "request_timeout": 5.0,
 }
-FAST_MEDIA = MediaConfig(stall_timeout=1.0, first_frame_timeout=3.0, request_timeout=5.0)
+FAST_MEDIA = MediaConfig(
+    stall_timeout=1.0, stall_recovery_timeout=0.5, first_frame_timeout=3.0, request_timeout=5.0
+)
 
 
 def free_port() -> int:

@@ -232,6 +232,7 @@ async def test_settings_in_a_file_take_effect_in_a_real_server(tmp_path: Path) -
             connect_attempts = 1
             [media]
             stall_timeout = 0.7
+            stall_recovery_timeout = 0
             path_silence_timeout = 0.45
             [reconnect]
             max_attempts = 1

@@ -247,15 +247,31 @@ async def test_the_old_consent_tuning_loses_a_healthy_stream_under_300_ms_rtt() 
         await r.control("clear")
 
 
-async def test_stall_media_is_a_loss() -> None:
+async def test_stall_media_is_a_loss_once_keyframe_requests_fail() -> None:
     async with rig() as r:
         await r.supervisor.start({})
         await r.next_frame()
         await r.control("stall_media", seconds=5)
         status = await r.until(lambda s: s.webrtc_reconnecting)
-        assert status.last_loss_reason == "no video from the cloud for 2 s"
+        # 2 s of stall, then 1 s of in-place recovery (keyframe requests) without a picture
+        assert status.last_loss_reason == "no video from the cloud for 3 s"
+        assert r.stats.stall_recoveries == 0
         await r.control("clear")
         await r.until(lambda s: s.webrtc_connected)
+
+
+async def test_a_stall_shorter_than_the_recovery_bound_is_recovered_in_place() -> None:
+    """Pictures that return within stall + recovery bound: the same session goes on."""
+    async with rig() as r:
+        await r.supervisor.start({})
+        await r.next_frame()
+        await r.control("stall_media", seconds=2.4)
+        with trio.fail_after(10):
+            while r.stats.stall_recoveries == 0:
+                await r.next_frame()
+        status = r.supervisor.status
+        assert (status.sessions_started, status.sessions_lost) == (1, 0)
+        assert status.webrtc_connected
 
 
 async def test_refused_offers_beyond_the_budget_end_in_the_final_error() -> None:

@@ -75,6 +75,7 @@ def test_loss_labels_are_the_loss_kinds() -> None:
         "path_silence",
         "no_video",
         "track_ended",
+        "uplink_dead",
         "link_lost",
         "session_crashed",
         "other",
@@ -110,6 +111,8 @@ async def observed(
     last_frame: list[float | None] = [None]
     registry = CollectorRegistry()
     async with trio.open_nursery() as nursery:
+        # Scope's timing (1 s before the first attempt): the exact schedules below use it.
+        policy = policy or ReconnectPolicy(immediate_first_attempt=False)
         supervisor = SessionSupervisor(nursery, cloud, policy)
         metrics = MediaMetrics(registry, supervisor, last_frame_at=lambda: last_frame[0])
         await nursery.start(metrics.run)
@@ -194,7 +197,7 @@ async def test_an_aborted_attempt_and_restart_intensity_are_counted(
     autojump_clock: MockClock,
 ) -> None:
     cloud = FakeCloud()
-    policy = ReconnectPolicy(max_restarts=2, restart_window=60.0)
+    policy = ReconnectPolicy(max_restarts=2, restart_window=60.0, immediate_first_attempt=False)
     async with observed(cloud, policy) as (supervisor, metrics, registry, _):
         cloud.script(Plan(fail="refused"))
         with pytest.raises(StartFailedError):
@@ -381,9 +384,10 @@ async def test_a_real_server_scraped_after_a_real_loss_recovery_and_relink() -> 
                     assert count == 1
                     assert 0 <= detected < 2.0
                     count, recovered = histogram(samples, "scope_trio_media_recovery_seconds")
-                    # At least the 1 s backoff; at most backoff + the 10 s attempt deadline.
+                    # The first attempt starts at once (the default policy); at most the 10 s
+                    # attempt deadline.
                     assert count == 1
-                    assert 1.0 <= recovered <= 11.0
+                    assert 0 < recovered <= 10.5
                     assert value(samples, "scope_trio_media_sessions_started_total") == 2
                     assert value(samples, "scope_trio_media_sessions_lost_total") == 1
                     assert value(samples, "scope_trio_media_connected") == 1

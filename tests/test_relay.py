@@ -26,6 +26,7 @@ from devcloud_client import eventually, live_peer_connections
 from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
 from scope_trio.core.params import MAX_JSON_DEPTH
+from scope_trio.core.supervisor import ReconnectPolicy
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
 from scope_trio.relay.relay import Relay
 from scope_trio.rtc import raw
@@ -70,7 +71,9 @@ class Rig:
 
 
 @asynccontextmanager
-async def rig(*, connect: bool = True, **relay_options: Any) -> AsyncIterator[Rig]:
+async def rig(
+    *, connect: bool = True, policy: ReconnectPolicy | None = None, **relay_options: Any
+) -> AsyncIterator[Rig]:
     saved = rtc.tune_ice_consent()
     try:
         async with rtc.open_loop(), trio.open_nursery() as outer:
@@ -80,6 +83,7 @@ async def rig(*, connect: bool = True, **relay_options: Any) -> AsyncIterator[Ri
                 httpx.AsyncClient(base_url=base_url) as http,
                 CloudManager.open(
                     CloudSettings(ws_url=ws_url(base_url)),
+                    policy=policy,
                     link_policy=LinkPolicy(delay=0.2),
                     link_options={"connect_backoff": (0.2, 0.4)},
                 ) as manager,
@@ -152,7 +156,10 @@ async def test_data_channel_json_becomes_a_parameter_update() -> None:
 async def test_cloud_loss_holds_the_last_frame_and_resumes_on_the_same_browser_pc(
     fault: str,
 ) -> None:
-    async with rig() as r, browser(r.relay, {"noise_scale": 0.3}) as b:
+    # Scope's 1 s before the first reconnect: the default's immediate attempt ends the
+    # outage too soon (~50 ms) to judge the hold.
+    scope = ReconnectPolicy(immediate_first_attempt=False)
+    async with rig(policy=scope) as r, browser(r.relay, {"noise_scale": 0.3}) as b:
         await b.inverted_frame()
         sid, pc = b.session_id, b.pc
 

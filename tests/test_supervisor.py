@@ -35,13 +35,17 @@ FINAL = (
     "Please toggle cloud mode off and on to reconnect."
 )
 
+SCOPE = ReconnectPolicy(immediate_first_attempt=False)
+"""Scope's exact timing (1 s, 2 s, 4 s before attempts 1-3): most schedules here are written
+in it; the default's immediate first attempt has its own tests."""
+
 
 @asynccontextmanager
 async def supervised(
     cloud: FakeCloud, policy: ReconnectPolicy | None = None
 ) -> AsyncIterator[SessionSupervisor]:
     async with trio.open_nursery() as nursery:
-        supervisor = SessionSupervisor(nursery, cloud, policy)
+        supervisor = SessionSupervisor(nursery, cloud, policy or SCOPE)
         try:
             yield supervisor
         finally:
@@ -143,6 +147,40 @@ async def test_attempts_at_exact_backoff_times(autojump_clock: MockClock) -> Non
         assert cloud.max_live == 1
 
 
+async def test_first_attempt_at_once_then_backoff_by_default(autojump_clock: MockClock) -> None:
+    """The default policy: the outage's first attempt starts in the instant of the loss (the
+    loss was already detected), the backoff 1 s, 2 s applies from the second."""
+    cloud = FakeCloud()
+    async with supervised(cloud, ReconnectPolicy()) as supervisor:
+        await supervisor.start({})
+        cloud.script(Plan(fail="refused"), Plan(fail="refused"), OK)
+        await trio.sleep(5)
+        await lose(supervisor, cloud)
+        await until(supervisor, connected)
+        assert cloud.connect_times == [0, 5, 6, 8]
+        assert supervisor.status.attempt == 3
+        assert cloud.max_live == 1
+
+
+async def test_immediate_attempt_still_shows_the_loss_first(autojump_clock: MockClock) -> None:
+    """Even with no wait, the loss is published (backoff, its reason) before the attempt."""
+    cloud = FakeCloud(default=Plan(connect_delay=1))
+    seen: list[tuple[Phase, int]] = []
+    async with supervised(cloud, ReconnectPolicy()) as supervisor:
+        await supervisor.start({})
+
+        async with supervisor.watch() as changes:
+            await lose(supervisor, cloud)
+            await until(supervisor, connected)
+            while True:
+                try:
+                    status = changes.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                seen.append((status.phase, status.attempt))
+    assert seen[-3:] == [(Phase.BACKOFF, 0), (Phase.RECONNECTING, 1), (Phase.CONNECTED, 1)]
+
+
 async def test_each_attempt_has_its_own_deadline(autojump_clock: MockClock) -> None:
     cloud = FakeCloud()
     async with supervised(cloud) as supervisor:
@@ -171,7 +209,7 @@ async def test_scope_bug_3_failed_attempt_is_closed_before_the_next_starts(
 
 
 async def test_jitter_spreads_delays_within_bounds(autojump_clock: MockClock) -> None:
-    policy = ReconnectPolicy(jitter=0.5)
+    policy = ReconnectPolicy(jitter=0.5, immediate_first_attempt=False)
     import random
 
     rng = random.Random(7)
@@ -179,7 +217,8 @@ async def test_jitter_spreads_delays_within_bounds(autojump_clock: MockClock) ->
     assert all(0.5 <= d <= 1.5 for d in delays[:50])
     assert all(2.0 <= d <= 6.0 for d in delays[100:])
     assert len(set(delays)) > 100
-    assert [ReconnectPolicy().delay(n) for n in (1, 2, 3, 9)] == [1, 2, 4, 30]
+    assert [SCOPE.delay(n) for n in (1, 2, 3, 9)] == [1, 2, 4, 30]
+    assert [ReconnectPolicy(jitter=0.5).delay(1, rng) for _ in range(5)] == [0.0] * 5
 
 
 @pytest.mark.parametrize(
@@ -461,10 +500,14 @@ def assert_cleared(supervisor: SessionSupervisor, cloud: FakeCloud) -> None:
     assert cloud.live == 0
 
 
-async def stop_in_phase(cloud: FakeCloud, reach: Callable[[SessionSupervisor], Any]) -> float:
+async def stop_in_phase(
+    cloud: FakeCloud,
+    reach: Callable[[SessionSupervisor], Any],
+    policy: ReconnectPolicy | None = None,
+) -> float:
     """Start, get to a phase with ``reach``, stop, and return how long stop took."""
     async with trio.open_nursery() as nursery:
-        supervisor = SessionSupervisor(nursery, cloud)
+        supervisor = SessionSupervisor(nursery, cloud, policy)
         await reach(supervisor)
         t0 = trio.current_time()
         await supervisor.stop()
@@ -513,7 +556,7 @@ async def test_stop_in_backoff(autojump_clock: MockClock) -> None:
         await trio.sleep(0.5)
         assert supervisor.status.phase is Phase.BACKOFF
 
-    assert await stop_in_phase(cloud, reach) == 0
+    assert await stop_in_phase(cloud, reach, SCOPE) == 0
     await trio.sleep(10)
     assert len(cloud.sessions) == 1
 

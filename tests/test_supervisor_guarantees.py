@@ -42,13 +42,17 @@ from scope_trio.dev.fakes import OK, FakeCloud, FakeState, Plan
 
 FINAL = budget_spent_message(3)
 
+SCOPE = ReconnectPolicy(immediate_first_attempt=False)
+"""Scope's exact timing (1 s, 2 s, 4 s before attempts 1-3): most schedules here are written
+in it; the default's immediate first attempt has its own tests."""
+
 
 @asynccontextmanager
 async def supervised(
     cloud: FakeCloud, policy: ReconnectPolicy | None = None
 ) -> AsyncIterator[SessionSupervisor]:
     async with trio.open_nursery() as nursery:
-        supervisor = SessionSupervisor(nursery, cloud, policy)
+        supervisor = SessionSupervisor(nursery, cloud, policy or SCOPE)
         try:
             yield supervisor
         finally:

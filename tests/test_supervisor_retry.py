@@ -15,8 +15,14 @@ from scope_trio.core.supervisor import ReconnectPolicy
 def test_reconnect_policy_delays_are_the_exponential_backoff() -> None:
     policy = ReconnectPolicy()
     assert policy.backoff == Backoff(base=1.0, cap=30.0, jitter=0.0, attempts=3)
-    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6, 9)] == [1, 2, 4, 8, 16, 30, 30]
+    # the first attempt of an outage at once, the backoff from the second
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6, 7, 10)] == [0, 1, 2, 4, 8, 16, 30, 30]
     assert policy.intensity == RestartWindow(6, 60.0)
+
+
+def test_scope_timing_is_one_setting_away() -> None:
+    scope = ReconnectPolicy(immediate_first_attempt=False)
+    assert [scope.delay(n) for n in (1, 2, 3, 4, 5, 6, 9)] == [1, 2, 4, 8, 16, 30, 30]
 
 
 def test_jitter_stays_within_its_fraction() -> None:

@@ -286,6 +286,8 @@ class CloudManager:
             last_close_code=link.last_close_code,
             last_close_reason=link.last_close_reason,
             stats=self._stats() if link.connected else None,
+            webrtc_reconnect_attempt=media.attempt,
+            webrtc_reconnect_max_attempts=media.max_attempts,
         )
 
     def _stats(self) -> CloudStats | None:

@@ -50,7 +50,8 @@ class CloudStatus:
 
     ``error`` is the connect error, else the media error, so a client that shows only
     ``error`` still sees a media loss. ``app_id``, ``connection_id`` and ``stats`` are set
-    only while connected.
+    only while connected. ``webrtc_reconnect_attempt`` / ``webrtc_reconnect_max_attempts``
+    (beyond Scope) say where a recovery stands: "reconnecting (2/3)".
     """
 
     connected: bool
@@ -66,6 +67,12 @@ class CloudStatus:
     last_close_code: int | None
     last_close_reason: str | None
     stats: CloudStats | None
+    webrtc_reconnect_attempt: int
+    """Reconnect attempts of the current outage, the one under way included (0: none yet).
+    Kept after a recovery until the session has stayed up for the policy's stable period,
+    when the budget refills and it returns to 0."""
+    webrtc_reconnect_max_attempts: int
+    """The attempt budget of an outage (``reconnect.max_attempts``)."""
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON object the HTTP API sends (field order as declared)."""
@@ -83,4 +90,6 @@ class CloudStatus:
             "last_close_code": self.last_close_code,
             "last_close_reason": self.last_close_reason,
             "stats": self.stats.as_dict() if self.stats is not None else None,
+            "webrtc_reconnect_attempt": self.webrtc_reconnect_attempt,
+            "webrtc_reconnect_max_attempts": self.webrtc_reconnect_max_attempts,
         }

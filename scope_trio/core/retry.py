@@ -102,12 +102,18 @@ class RestartTracker:
 
 @dataclass(frozen=True)
 class ReconnectPolicy:
-    """How a lost session is rebuilt. Defaults are Scope's: 1 s, 2 s, 4 s; 3 attempts.
+    """How a lost session is rebuilt: 3 attempts; the first at once, then 1 s, 2 s, 4 s ...
 
-    The delay before attempt ``n`` (1-based) is ``min(max_delay, base_delay * 2 ** (n - 1))``,
-    optionally spread by ``jitter`` (a fraction: 0.1 means ±10 %): :attr:`backoff`, the
-    project's one :class:`~scope_trio.core.retry.Backoff`. :attr:`intensity` is the restart
-    window.
+    The first reconnect attempt of an outage starts at once (``immediate_first_attempt``): a
+    silent loss has already waited out its detection threshold (path silence, stall), and a
+    clean loss (a closed peer connection, an ended track, the debug route) says by itself
+    that the session is gone, so waiting a further second only lengthens the user's freeze.
+    The backoff, ``min(max_delay, base_delay * 2 ** (k - 1))`` before the ``k``-th *delayed*
+    attempt, optionally spread by ``jitter`` (a fraction: 0.1 means ±10 %), applies from the
+    second attempt, so a cloud that keeps failing is still not hammered. With
+    ``immediate_first_attempt=False`` the timing is exactly Scope's (1 s before attempt 1,
+    2 s before attempt 2, 4 s before attempt 3). :attr:`backoff` is the project's one
+    :class:`~scope_trio.core.retry.Backoff`; :attr:`intensity` is the restart window.
     """
 
     max_attempts: int = 3
@@ -124,6 +130,9 @@ class ReconnectPolicy:
     close_timeout: float = 5.0
     """A session's own close deadline. ``stop`` (or a replacing ``start``) waits twice this
     for a superseded run, then abandons it (counted; reaped in the background)."""
+    immediate_first_attempt: bool = True
+    """Start an outage's first reconnect attempt at once; the backoff applies from the second.
+    ``False`` waits ``base_delay`` before the first attempt too, as Scope does."""
 
     def __post_init__(self) -> None:
         positive = {
@@ -166,4 +175,6 @@ class ReconnectPolicy:
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before reconnect attempt ``attempt`` (1-based)."""
+        if self.immediate_first_attempt:
+            return 0.0 if attempt <= 1 else self.backoff.delay(attempt - 1, rng)
         return self.backoff.delay(attempt, rng)

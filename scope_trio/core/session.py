@@ -44,6 +44,9 @@ class LossKind(enum.Enum):
     NO_VIDEO = "no_video"
     """No first frame in time, or none for the stall timeout."""
     TRACK_ENDED = "track_ended"
+    UPLINK_DEAD = "uplink_dead"
+    """The cloud's receiver reports show it receives nothing we send while it still talks to
+    us: the server→cloud direction is dead."""
     LINK_LOST = "link_lost"
     """The signaling link went down under a connected session."""
     SESSION_CRASHED = "session_crashed"

@@ -15,7 +15,8 @@ interleaving by benchmarks/race.py:
   earlier one at once: the superseded call raises :class:`StartAbortedError`.
 * A loss is reported the instant the session reports it, even in the same step as its
   connect, before any close begins; then the session is rebuilt with backoff from a
-  :class:`ReconnectPolicy`. Attempts are counted per outage; the budget refills only after
+  :class:`ReconnectPolicy` (by default the outage's first attempt at once: the loss was
+  already detected, a further wait only lengthens the freeze; backoff from the second). Attempts are counted per outage; the budget refills only after
   a session stayed up for ``stable_period``; restarts are also capped per time window.
 * A session is completely closed before the next one starts; there is never more than one.
 * ``stop`` cancels everything, clears every field (whatever arrives while it runs), and

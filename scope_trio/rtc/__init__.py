@@ -14,6 +14,8 @@ Modules, one concern each:
   requests); installed by :mod:`~scope_trio.rtc.raw` when a remote description is applied.
 * :mod:`~scope_trio.rtc.sdp`: checks of client SDP and trickled ICE candidates.
 * :mod:`~scope_trio.rtc.datagrams`: the ICE sockets' inbound activity and fault injection.
+* :mod:`~scope_trio.rtc.uplink`: what the remote receives of our video (its receiver
+  reports), for a dead sending direction.
 * :mod:`~scope_trio.rtc.consent`: ICE consent timing and :func:`configure_process`, the
   one place process-global WebRTC settings are applied (at server start).
 * :mod:`~scope_trio.rtc.raw`: the same operations on plain aiortc peer connections, for
@@ -50,6 +52,7 @@ from scope_trio.rtc.peer import (
 )
 from scope_trio.rtc.sdp import InvalidCandidateError, parse_ice_candidate
 from scope_trio.rtc.tracks import VIDEO_TIME_BASE, TrioVideoSource, black_frame
+from scope_trio.rtc.uplink import UplinkReceipts, UplinkReport
 
 __all__ = [
     "AIOICE_DEFAULT_CONSENT",
@@ -65,6 +68,8 @@ __all__ = [
     "RemoteTrack",
     "SessionDescription",
     "TrioVideoSource",
+    "UplinkReceipts",
+    "UplinkReport",
     "black_frame",
     "configure_process",
     "get_ice_consent",

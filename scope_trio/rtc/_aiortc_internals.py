@@ -769,3 +769,143 @@ def tap(protocol: Any, loop: asyncio.AbstractEventLoop) -> DatagramTap:
     installed = DatagramTap(protocol, loop)
     protocol._scope_trio_tap = installed
     return installed
+
+
+# ============================================================================================
+# BEGIN section "outgoing media receipt" (the server→cloud direction, issue 12)
+#
+# What the remote peer receives of our video: its RTCP receiver reports for our sender's
+# SSRC, the send time of each RTP packet we put on the wire, our sender's round-trip
+# estimate, and a keyframe forced on our encoder. Used by :mod:`scope_trio.rtc.uplink`. Keep
+# this section last and self-contained (its reliances are appended to RELIANCES here).
+# ============================================================================================
+
+from aiortc.rtcdtlstransport import RTCDtlsTransport  # noqa: E402 - this section's imports
+from aiortc.rtp import RtcpReceiverInfo, RtcpRrPacket, RtcpSrPacket  # noqa: E402
+
+RELIANCES = (
+    *RELIANCES,
+    Reliance(
+        "RTCRtpSender._handle_rtcp_packet, called per recipient by RTCDtlsTransport",
+        "the remote's receiver reports of our video (highest sequence received), read by a "
+        "wrapper on the sender instance",
+        _all(
+            _method(RTCRtpSender, "_handle_rtcp_packet", ("self", "packet"), coroutine=True),
+            _source(RTCDtlsTransport, "_handle_rtcp_data", "recipient._handle_rtcp_packet(packet)"),
+            _source(RTCRtpSender, "__init__", "self._ssrc = "),
+            lambda: (
+                []
+                if "highest_sequence" in RtcpReceiverInfo.__dataclass_fields__
+                else ["aiortc.rtp.RtcpReceiverInfo has no field 'highest_sequence'"]
+            ),
+        ),
+    ),
+    Reliance(
+        "RTCRtpSender.__rtt",
+        "the sender's round-trip estimate from receiver reports, subtracted from starvation",
+        _source(RTCRtpSender, "_handle_rtcp_packet", "self.__rtt = "),
+    ),
+    Reliance(
+        "RTCRtpSender._send_keyframe",
+        "a keyframe forced on our encoder when a silent path returns (what a PLI does)",
+        _method(RTCRtpSender, "_send_keyframe", ("self",), coroutine=False),
+    ),
+)
+
+
+def sender_ssrc(sender: RTCRtpSender) -> int:
+    """The SSRC of ``sender``'s RTP stream (fixed at construction)."""
+    return int(_get(sender, "_ssrc"))
+
+
+def sender_rtt(sender: RTCRtpSender) -> float | None:
+    """``sender``'s smoothed round-trip estimate in seconds (None before the first)."""
+    value = _get(sender, "_RTCRtpSender__rtt")
+    return None if value is None else float(value)
+
+
+def force_keyframe(sender: RTCRtpSender) -> None:
+    """Make ``sender``'s encoder emit a keyframe next (what a received PLI does)."""
+    _get(sender, "_send_keyframe")()
+
+
+def observe_receiver_reports(sender: RTCRtpSender, on_report: Callable[[int], None]) -> None:
+    """Call ``on_report(highest_sequence)`` for every receiver report block about ``sender``'s
+    stream (in an RR or an SR), before the sender handles the packet.
+
+    The DTLS transport routes each RTCP packet to ``recipient._handle_rtcp_packet``; the
+    wrapper is an instance attribute, installed once per sender (later calls add observers).
+    """
+    observers: list[Callable[[int], None]] | None = getattr(sender, "_scope_trio_rr", None)
+    if observers is not None:
+        observers.append(on_report)
+        return
+    observers = [on_report]
+    original = _get(sender, "_handle_rtcp_packet")
+    ssrc = sender_ssrc(sender)
+
+    async def handle_rtcp_packet(packet: Any) -> None:
+        if isinstance(packet, (RtcpRrPacket, RtcpSrPacket)):
+            for report in packet.reports:
+                if report.ssrc == ssrc:
+                    for observer in observers:
+                        observer(int(report.highest_sequence) & 0xFFFF)
+        await original(packet)
+
+    sender._handle_rtcp_packet = handle_rtcp_packet  # type: ignore[method-assign]
+    sender._scope_trio_rr = observers  # type: ignore[attr-defined]
+
+
+def observe_sent_rtp(protocol: Any, on_sent: Callable[[int, int], None]) -> None:
+    """Call ``on_sent(ssrc, sequence_number)`` for every RTP packet (not RTCP) the aioice
+    protocol sends. SRTP leaves the RTP header in the clear, so it is read from the datagram.
+
+    Wraps the protocol's ``send_data`` (as the datagram tap does; the two compose in either
+    order), once per protocol; later calls add observers.
+    """
+    observers: list[Callable[[int, int], None]] | None = getattr(protocol, "_scope_trio_sent", None)
+    if observers is not None:
+        observers.append(on_sent)
+        return
+    observers = [on_sent]
+    send_data = _get(protocol, "send_data")
+
+    async def send_data_observed(data: bytes, addr: tuple[str, int]) -> None:
+        # RTP version 2, and not RTCP (payload types 192-223 share the byte with the marker)
+        if _is_rtp(data):
+            ssrc = int.from_bytes(data[8:12], "big")
+            seq = int.from_bytes(data[2:4], "big")
+            for observer in observers:
+                observer(ssrc, seq)
+        await send_data(data, addr)
+
+    protocol.send_data = send_data_observed
+    protocol._scope_trio_sent = observers
+
+
+def _is_rtp(data: bytes) -> bool:
+    return len(data) >= 12 and data[0] >> 6 == 2 and not 192 <= data[1] <= 223
+
+
+def observe_received_rtp(protocol: Any, on_received: Callable[[], None]) -> None:
+    """Call ``on_received()`` for every RTP datagram (not RTCP, STUN or DTLS) the aioice
+    protocol receives, on arrival (before a fault filter of the datagram tap, if that was
+    installed later). Wraps ``datagram_received`` once per protocol; later calls add."""
+    observers: list[Callable[[], None]] | None = getattr(protocol, "_scope_trio_rtp_in", None)
+    if observers is not None:
+        observers.append(on_received)
+        return
+    observers = [on_received]
+    datagram_received = _get(protocol, "datagram_received")
+
+    def datagram_received_observed(data: bytes, addr: tuple[Any, ...]) -> None:
+        if _is_rtp(data):
+            for observer in observers:
+                observer()
+        datagram_received(data, addr)
+
+    protocol.datagram_received = datagram_received_observed
+    protocol._scope_trio_rtp_in = observers
+
+
+# END section "outgoing media receipt"

@@ -27,6 +27,7 @@ from av import VideoFrame
 from scope_trio.rtc import raw, tracks
 from scope_trio.rtc.datagrams import InboundDatagrams, install_datagram_filter, watch_inbound
 from scope_trio.rtc.tracks import TrioVideoSource
+from scope_trio.rtc.uplink import UplinkReceipts, watch_uplink
 
 __all__ = [
     "ChannelClosedError",
@@ -261,6 +262,14 @@ class PeerConnection:
         """Stamp every datagram our ICE sockets receive from now on (call after the local
         description is set: the sockets exist once candidates are gathered)."""
         return watch_inbound(self._pc)
+
+    def watch_uplink(self, track: TrioVideoSource) -> UplinkReceipts:
+        """Follow what the remote receives of ``track`` (its receiver reports), from now on
+        (call after the local description is set). ``LookupError`` if we do not send it."""
+        for sender in self._pc.getSenders():
+            if sender.track is track:
+                return watch_uplink(self._pc, sender)
+        raise LookupError("this peer connection does not send that track")
 
     def install_datagram_filter(
         self, drop: Callable[[], bool], *, delay: Callable[[], float] | None = None

@@ -13,6 +13,10 @@ PILL_LOG = """() => {
   const pill = document.getElementById('pill');
   new MutationObserver(() => window.__pills.push(pill.textContent))
     .observe(pill, {childList: true, characterData: true, subtree: true});
+  window.__headlines = [];
+  const headline = document.getElementById('headline');
+  new MutationObserver(() => window.__headlines.push(headline.textContent))
+    .observe(headline, {childList: true, characterData: true, subtree: true});
 }"""
 
 VIDEO_ADVANCED = """([since, by]) => {
@@ -50,6 +54,9 @@ def test_stream_survives_a_cloud_disconnect(server: str, page: Any) -> None:
         "() => document.getElementById('pill').textContent === 'Streaming'", timeout=30_000
     )
     assert "Reconnecting" in page.evaluate("() => window.__pills")
+    # where the recovery stood: the outage's first attempt of the budget of 3
+    headlines = page.evaluate("() => window.__headlines")
+    assert any("reconnecting (1/3)" in h for h in headlines), headlines
 
     # The processed video plays again, on the same browser peer connection (no renegotiation).
     page.wait_for_function(VIDEO_ADVANCED, arg=[remote_time(page), 1.0], timeout=30_000)

@@ -30,9 +30,17 @@ function show(el, text) {
 
 // ------------------------------------------------------------------ cloud status
 
+// "reconnecting (2/3)": the attempt under way (or the last one, while waiting out a backoff)
+// of the outage's budget; plain "reconnecting" before the first attempt starts.
+function reconnecting(s) {
+  const n = s.webrtc_reconnect_attempt;
+  const max = s.webrtc_reconnect_max_attempts;
+  return n > 0 && max > 0 ? `reconnecting (${n}/${max})` : "reconnecting";
+}
+
 function describe(s) {
   if (s.connected && s.webrtc_reconnecting) {
-    return ["busy", "Reconnecting", "Connected to the cloud; rebuilding the video session…"];
+    return ["busy", "Reconnecting", `Connected to the cloud; rebuilding the video session: ${reconnecting(s)}…`];
   }
   if (s.connected && s.webrtc_connected) return ["ok", "Streaming", "Connected; the cloud video session is live."];
   if (s.connected) return ["ok", "Connected", "Connected to the cloud. Start a stream below."];
@@ -56,7 +64,7 @@ function render(s) {
   $("simulate").disabled = !s.webrtc_connected;
   const rows = {
     "Cloud link": s.connected ? "up" : s.connecting ? "connecting" : "down",
-    "Video session": s.webrtc_connected ? "connected" : s.webrtc_reconnecting ? "reconnecting" : "none",
+    "Video session": s.webrtc_connected ? "connected" : s.webrtc_reconnecting ? reconnecting(s) : "none",
     "Connection id": s.connection_id || "–",
     "App id": s.app_id || "–",
     "Credentials": s.credentials_configured ? "configured" : "not configured",
