@@ -1,11 +1,8 @@
 """The reconnect supervisor: keeps one cloud media session alive, and tells the truth about it.
 
-Supervision tree (who owns what)::
-
-    caller's nursery                      (the server's, or a test's)
-    └── SessionSupervisor._supervise      one "run" per start(): its own cancel scope
-        └── per-attempt nursery           exactly one session at a time (one _Attempt)
-            └── MediaSession.run          connect → started() → run until lost
+Its place in the supervision tree is drawn in ``docs/architecture.md``: the nursery it is
+given (``CloudManager.open``'s) holds one run per ``start()``, each in its own cancel scope,
+and each run one per-attempt nursery with exactly one session at a time (one ``_Attempt``).
 
 Guarantees, each pinned by a test (tests/test_supervisor*.py) and checked in every random
 interleaving by benchmarks/race.py:
@@ -26,7 +23,8 @@ interleaving by benchmarks/race.py:
   event, while the abandoned run goes on closing in the supervisor's nursery and is reaped
   (logged) within :data:`REAP_FACTOR` ``close_timeout`` more. ``stop`` re-raises its
   caller's own cancellation after finishing.
-* The supervisor keeps its own deep copy of the parameters. A session takes its initial
+* The supervisor keeps the parameters it is handed (``core/params.py``: a checked
+  :class:`~scope_trio.core.params.Parameters` is taken over, anything else copied). A session takes its initial
   parameters when it builds its offer; later updates are sent after it connects; one-shot
   keys are delivered once, never replayed.
 * Decisions read only private control state; the status is one immutable

@@ -6,16 +6,10 @@ JSON text from the browser's data channel(s) as parameter updates (docs/cloud-pr
 The cloud media session belongs to :class:`scope_trio.cloud.manager.CloudManager`;
 this module owns only the browser side.
 
-Supervision (everything runs in a nursery someone owns)::
-
-    Relay.open()'s nursery
-    └── Relay._run_session             one per browser session, in the session's cancel scope
-        └── session nursery
-            ├── _watch_connection      browser pc closed/failed, or never connected: the end
-            ├── _pump_tracks           browser video → VideoInput → the cloud session
-            ├── _pump_channels         browser JSON → its MediaHandle → the supervisor
-            ├── _hold_frames           the last good frame (black before the first) at fps
-            └── _start_cloud           waits for the cloud media session it began to connect
+Its place in the supervision tree is drawn in ``docs/architecture.md``: ``Relay.open()``
+owns the nursery of the browser sessions; each session runs in its own cancel scope and
+nursery (connection watch, track and data-channel pumps, the last-frame hold, and the wait
+for the cloud media session it began).
 
 Guarantees:
 
