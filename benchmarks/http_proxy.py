@@ -28,11 +28,9 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import httpx
-import hypercorn.trio
 import trio
 from _common import (
     Checks,
@@ -43,13 +41,14 @@ from _common import (
     make_parser,
     make_report,
 )
-from hypercorn.config import Config as HypercornConfig
 from relay import percentiles
 
+from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.config import ServerConfig
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.http.app import create_app
 from scope_trio.ops.logring import DEFAULT_MAX_BYTES, LogRing
+from scope_trio.server import open_server
 
 BENCHMARK = "http_proxy"
 ROUNDS, QUICK_ROUNDS = 2000, 300
@@ -78,28 +77,28 @@ class NoRelay:
 
 @asynccontextmanager
 async def server() -> AsyncIterator[tuple[CloudManager, httpx.AsyncClient]]:
+    """The real server (``open_server``) connected to a dev cloud in this process."""
     async with trio.open_nursery() as nursery:
-        base = await nursery.start(partial(serve_devcloud, DevCloudConfig(pipeline="passthrough")))
-        manager = CloudManager(nursery, CloudSettings(ws_url=ws_url(base)))
-        app = create_app(manager, NoRelay(), debug_endpoints=False)
-        config = HypercornConfig()
-        config.bind = ["127.0.0.1:0"]
-        config.accesslog = None
-        config.errorlog = None  # no "Running on ..." line in the report
-        stop = trio.Event()
-        binds = await nursery.start(
-            partial(hypercorn.trio.serve, app, config, shutdown_trigger=stop.wait)
-        )
-        await manager.connect()
-        with trio.fail_after(20):
-            await manager.wait_until(lambda s: s["connected"])
-        async with httpx.AsyncClient(base_url=binds[0], timeout=10) as http:
-            yield manager, http
-        with trio.move_on_after(10, shield=True):
-            app.begin_shutdown()
-            await manager.disconnect()
-            stop.set()
+        base = await nursery.start(serve_cloud, DevCloudConfig(pipeline="passthrough"))
+        config = ServerConfig(port=0, cloud=CloudSettings(ws_url=ws_url(base)))
+        async with open_server(config, relay_factory=no_relay) as running:
+            manager = running.manager
+            await manager.connect()
+            with trio.fail_after(20):
+                await manager.wait_until(lambda s: s["connected"])
+            async with httpx.AsyncClient(base_url=running.url, timeout=10) as http:
+                yield manager, http
         nursery.cancel_scope.cancel()
+
+
+async def serve_cloud(config: DevCloudConfig, *, task_status: trio.TaskStatus[str]) -> None:
+    async with rtc.open_loop():
+        await serve_devcloud(config, task_status=task_status)
+
+
+@asynccontextmanager
+async def no_relay(manager: CloudManager, config: ServerConfig) -> AsyncIterator[NoRelay]:
+    yield NoRelay()
 
 
 async def measure_proxy(rounds: int) -> dict[str, Any]:

@@ -98,6 +98,9 @@ class ServerConfig:
     """Hypercorn's bound on draining open connections at shutdown."""
     shutdown_timeout: float = 15.0
     """Bound on the whole shutdown (sessions, cloud, HTTP, dev cloud)."""
+    embedded_devcloud: bool = True
+    """With no cloud configured, run the dev cloud in-process; off: connecting answers 400
+    until a cloud is configured."""
     devcloud_pipeline: str = "invert"
     """The embedded dev cloud's pipeline: "invert" shows a first-time user that frames went
     through it; benchmarks use "passthrough"."""
@@ -171,8 +174,8 @@ class ServerConfig:
 
     @property
     def embedded_cloud(self) -> bool:
-        """True when no cloud is configured: the server starts the dev cloud in-process."""
-        return not self.cloud.credentials_configured
+        """True when the server starts the dev cloud in-process (no cloud is configured)."""
+        return self.embedded_devcloud and not self.cloud.credentials_configured
 
     def with_overrides(self, **overrides: Any) -> ServerConfig:
         """A copy with the given fields replaced; ``None`` means "not given" (a flag left out)."""
@@ -207,6 +210,7 @@ DOCS: dict[str, str] = {
     "server.max_body_bytes": "largest request body (413 above it)",
     "server.graceful_timeout": "seconds Hypercorn drains open connections at shutdown",
     "server.shutdown_timeout": "bound on the whole shutdown",
+    "server.embedded_devcloud": "with no cloud configured, run the dev cloud in-process (off: connect answers 400)",
     "server.devcloud_pipeline": "the embedded dev cloud's pipeline (`invert`, `passthrough`, `pattern`)",
     "server.log_level": "`DEBUG`, `INFO`, `WARNING`, `ERROR`",
     "server.log_json": "one JSON object per log line",

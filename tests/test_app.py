@@ -13,25 +13,24 @@ import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import h11
 import httpx
-import hypercorn.trio
 import pytest
 import trio
-from hypercorn.config import Config as HypercornConfig
 
 import scope_trio
 from scope_trio import rtc
 from scope_trio.cloud.link import CloudLinkClosedError, CloudRequestTimeoutError
 from scope_trio.cloud.manager import CloudManager, CloudSettings, LinkPolicy, NotConnectedError
 from scope_trio.cloud.media import VideoInput
+from scope_trio.config import ServerConfig
 from scope_trio.core.supervisor import StartFailedError
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
-from scope_trio.http.app import MIB, PIPELINE_NOT_LOADED, ROUTES, ScopeApp, create_app
+from scope_trio.http.app import MIB, PIPELINE_NOT_LOADED, ROUTES, ScopeApp
 from scope_trio.http.routes.pipeline import NOT_LOADED
+from scope_trio.server import open_server
 
 SENTINEL_KEY = "sk-SENTINEL-8f2c1e0b9a"
 OTHER_KEY = "sk-OTHER-SENTINEL-77aa01"
@@ -117,74 +116,55 @@ async def running(
     max_body_bytes: int = MIB,
     sse_keepalive: float = 15.0,
 ) -> AsyncIterator[Server]:
-    saved = rtc.tune_ice_consent()
-    try:
-        async with rtc.open_loop(), trio.open_nursery() as outer:
-            settings = CloudSettings()
-            cloud_http: httpx.AsyncClient | None = None
-            if cloud is not None:
-                base = await outer.start(partial(serve_devcloud, cloud))
-                settings = CloudSettings(ws_url=ws_url(base), api_key=api_key)
-                cloud_http = httpx.AsyncClient(base_url=base, timeout=10)
-            async with (
-                CloudManager.open(
-                    settings,
-                    link_policy=LinkPolicy(delay=0.2),
-                    link_options={"connect_backoff": (0.2, 0.4)},
-                ) as manager,
-                trio.open_nursery() as nursery,
-            ):
-                relay = FakeRelay()
-                app = create_app(
-                    manager,
-                    relay,
-                    debug_endpoints=debug_endpoints,
-                    cors_origins=cors_origins,
-                    max_body_bytes=max_body_bytes,
-                    sse_keepalive=sse_keepalive,
-                )
-                config = HypercornConfig()
-                config.bind = ["127.0.0.1:0"]
-                config.graceful_timeout = 1.0
-                config.accesslog = None
-                stop, done = trio.Event(), trio.Event()
+    relay = FakeRelay()
 
-                async def run_http(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                    try:
-                        await hypercorn.trio.serve(
-                            app, config, shutdown_trigger=stop.wait, task_status=task_status
-                        )
-                    finally:
-                        done.set()
+    @asynccontextmanager
+    async def fake_relay(manager: CloudManager, config: ServerConfig) -> AsyncIterator[FakeRelay]:
+        yield relay
 
-                binds = await nursery.start(run_http)
-                bodies: list[str] = []
+    async with trio.open_nursery() as outer:
+        settings = CloudSettings()
+        cloud_http: httpx.AsyncClient | None = None
+        if cloud is not None:  # the cloud is outside the server under test
+            base = await outer.start(_serve_cloud, cloud)
+            settings = CloudSettings(ws_url=ws_url(base), api_key=api_key)
+            cloud_http = httpx.AsyncClient(base_url=base, timeout=10)
+        config = ServerConfig(
+            port=0,
+            cloud=settings,
+            embedded_devcloud=False,
+            debug_endpoints=debug_endpoints,
+            cors_origins=tuple(cors_origins),
+            max_body_bytes=max_body_bytes,
+            graceful_timeout=1.0,
+            relink=LinkPolicy(delay=0.2),
+            link={"connect_backoff": (0.2, 0.4)},
+        )
+        bodies: list[str] = []
 
-                async def record(response: httpx.Response) -> None:
-                    if not response.headers.get("content-type", "").startswith("text/event"):
-                        await response.aread()
-                        bodies.append(response.text)
-                        bodies.extend(f"{k}: {v}" for k, v in response.headers.items())
+        async def record(response: httpx.Response) -> None:
+            if not response.headers.get("content-type", "").startswith("text/event"):
+                await response.aread()
+                bodies.append(response.text)
+                bodies.extend(f"{k}: {v}" for k, v in response.headers.items())
 
-                http = httpx.AsyncClient(
-                    base_url=binds[0], timeout=10, event_hooks={"response": [record]}
-                )
-                try:
-                    async with http:
-                        yield Server(http, manager, relay, app, cloud_http, bodies)
-                finally:
-                    with trio.move_on_after(10, shield=True):
-                        app.begin_shutdown()
-                        await relay.close_all()
-                        await manager.disconnect()
-                        stop.set()
-                        await done.wait()
-                    nursery.cancel_scope.cancel()
-            if cloud_http is not None:
-                await cloud_http.aclose()
-            outer.cancel_scope.cancel()
-    finally:
-        rtc.tune_ice_consent(saved.interval, saved.failures, saved.rto)
+        async with open_server(
+            config, relay_factory=fake_relay, sse_keepalive=sse_keepalive
+        ) as server:
+            http = httpx.AsyncClient(
+                base_url=server.url, timeout=10, event_hooks={"response": [record]}
+            )
+            async with http:
+                yield Server(http, server.manager, relay, server.app, cloud_http, bodies)
+        if cloud_http is not None:
+            await cloud_http.aclose()
+        outer.cancel_scope.cancel()
+
+
+async def _serve_cloud(config: DevCloudConfig, *, task_status: trio.TaskStatus[str]) -> None:
+    """An in-process dev cloud in a trio-asyncio loop of its own (the server opens another)."""
+    async with rtc.open_loop():
+        await serve_devcloud(config, task_status=task_status)
 
 
 class EventStream:
