@@ -12,6 +12,10 @@ Beyond Scope: when an established link drops without us asking, it is re-establi
 last parameters; meanwhile ``connecting`` is true. An intentional disconnect never
 reconnects, and neither does a close the cloud meant as final (``ACCESS_DENIED``,
 ``MAX_DURATION_EXCEEDED``, close code 4003).
+
+One concern, a little over 500 lines: the link keeper, re-links, pipeline-load replay and
+the CloudStatus they derive share one state and one lock. The pieces that stand alone live
+beside it (``settings``, ``status``, ``media_handle``).
 """
 
 from __future__ import annotations
@@ -34,13 +38,13 @@ from scope_trio.cloud.link import (
     connect_cloud_link,
 )
 from scope_trio.cloud.media import CloudMediaSession, MediaConfig, MediaStats, VideoInput
+from scope_trio.cloud.media_handle import MediaHandle
 from scope_trio.cloud.settings import CloudSettings, LinkPolicy
 from scope_trio.cloud.status import CloudStats, CloudStatus
 from scope_trio.core.retry import RestartTracker
 from scope_trio.core.service import open_service
 from scope_trio.core.session import Loss, MediaSession, SessionAttempt, SessionClosedError
 from scope_trio.core.supervisor import (
-    PendingStart,
     ReconnectPolicy,
     SessionSupervisor,
     SupervisorError,
@@ -103,55 +107,6 @@ class _NoLinkSession:
 
     def send_parameters(self, update: Mapping[str, Any]) -> None:
         raise SessionClosedError("the cloud link is down")
-
-
-class MediaHandle:
-    """One owner's hold on the cloud media session, from :meth:`CloudManager.begin_media`.
-
-    The owner (a browser session of the relay) feeds ``video_input``, gets every processed
-    frame through ``on_frame`` across reconnects, and sends parameter updates through the
-    handle. A later ``begin_media`` supersedes it: from then on its updates and its
-    :meth:`stop` do nothing, so an owner that is going away can never touch its
-    successor's session. Updates made before the session connects are kept by the
-    supervisor (the only place that buffers them) and go out with its offer or right after.
-    """
-
-    def __init__(
-        self,
-        manager: CloudManager,
-        pending: PendingStart,
-        video_input: VideoInput,
-        on_frame: Callable[[VideoFrame], object] | None,
-    ) -> None:
-        self._manager = manager
-        self._pending = pending
-        self.video_input = video_input
-        self.on_frame = on_frame
-
-    @property
-    def current(self) -> bool:
-        """Still the owner: no later ``begin_media`` or ``stop_media`` took over."""
-        return self._manager._media is self
-
-    async def connected(self) -> None:
-        """Returns once the session is connected; raises the supervisor's errors."""
-        link = self._manager.link
-        # The run the supervisor starts here logs for this link, and for no one session.
-        with logs.bound(connection_id=link.connection_id or "" if link else "", session_id=""):
-            await self._pending.connected()
-
-    def update_parameters(self, update: Mapping[str, Any]) -> bool:
-        """Merge ``update`` into the session's parameters; False (nothing done) once
-        superseded. Raises :class:`~scope_trio.core.params.ParameterError`."""
-        if not self.current:
-            return False
-        self._manager.supervisor.update_parameters(update)
-        return True
-
-    async def stop(self) -> None:
-        """Stop the session if this handle still owns it (shielded and bounded)."""
-        if self.current:
-            await self._manager.stop_media()
 
 
 class CloudManager:
