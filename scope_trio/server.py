@@ -52,6 +52,11 @@ RelayFactory = Callable[[CloudManager, ServerConfig], AbstractAsyncContextManage
 """Opens the browser relay over the manager for the server's lifetime (tests swap it)."""
 
 DEVCLOUD_STOP_TIMEOUT = 5.0
+CONFIRM_CLOSED_TIMEOUT = 1.0
+"""Bound on the relay's and the manager's own close when their block ends. The ordered
+shutdown (:func:`_shutdown`) has already closed both by then, so this is a no-op unless
+that shutdown overran its bound; it keeps the whole exit within ``shutdown_timeout`` plus
+two of these."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def is_loopback(host: str) -> bool:
 def _default_relay(
     manager: CloudManager, config: ServerConfig
 ) -> AbstractAsyncContextManager[BrowserRelay]:
-    return Relay.open(manager, fps=config.relay_fps)
+    return Relay.open(manager, fps=config.relay_fps, close_timeout=CONFIRM_CLOSED_TIMEOUT)
 
 
 @contextlib.asynccontextmanager
@@ -126,7 +131,7 @@ async def open_server(
                         link_policy=config.relink,
                         media_config=config.media,
                         link_options=config.link,
-                        close_timeout=config.shutdown_timeout,
+                        close_timeout=CONFIRM_CLOSED_TIMEOUT,
                     ) as manager,
                     relay_factory(manager, config) as relay,
                     _serve_http(config, manager, relay, sse_keepalive) as (url, app, metrics),

@@ -243,7 +243,12 @@ async def test_the_old_consent_tuning_loses_a_healthy_stream_under_300_ms_rtt() 
     async with rig(consent=OLD_FAST_CONSENT) as r:
         await _stream_under_latency(r)
         status = await r.until(lambda s: s.webrtc_reconnecting, timeout=10)
-        assert status.last_loss_reason in ("peer connection closed", "cloud video track ended")
+        # Consent failing closes the connection; on the cloud's side it may stop hearing us
+        # first, which the uplink watch reports (which signal wins is a race).
+        reason = status.last_loss_reason or ""
+        assert reason in ("peer connection closed", "cloud video track ended") or (
+            reason.startswith("the cloud received nothing we sent")
+        ), reason
         await r.control("clear")
 
 
