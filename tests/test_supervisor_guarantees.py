@@ -7,14 +7,13 @@ under the mock clock, with exact virtual times.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
+from test_supervisor import supervised
 from trio.testing import MockClock
 
 import scope_trio.core.supervisor as supervisor_module
@@ -41,23 +40,6 @@ from scope_trio.core.supervisor import (
 from scope_trio.dev.fakes import OK, FakeCloud, FakeState, Plan
 
 FINAL = budget_spent_message(3)
-
-SCOPE = ReconnectPolicy(immediate_first_attempt=False)
-"""Scope's exact timing (1 s, 2 s, 4 s before attempts 1-3): most schedules here are written
-in it; the default's immediate first attempt has its own tests."""
-
-
-@asynccontextmanager
-async def supervised(
-    cloud: FakeCloud, policy: ReconnectPolicy | None = None
-) -> AsyncIterator[SessionSupervisor]:
-    async with trio.open_nursery() as nursery:
-        supervisor = SessionSupervisor(nursery, cloud, policy or SCOPE)
-        try:
-            yield supervisor
-        finally:
-            await supervisor.stop()
-    assert cloud.live == 0
 
 
 async def until(supervisor: SessionSupervisor, phase: Phase) -> SupervisorStatus:
