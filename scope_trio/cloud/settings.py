@@ -5,8 +5,6 @@ Plain values that the configuration (``scope_trio.config``) builds and the manag
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from scope_trio.core.retry import Backoff, RestartWindow
@@ -16,20 +14,12 @@ __all__ = ["CloudSettings", "LinkPolicy"]
 
 @dataclass(frozen=True)
 class CloudSettings:
-    """Where the cloud is (``SCOPE_CLOUD_APP_ID`` / ``SCOPE_CLOUD_API_KEY`` /
-    ``SCOPE_CLOUD_WS_URL``, see ``docs/configuration.md``). ``api_key`` is never shown."""
+    """Where the cloud is (``[cloud]``; the ``SCOPE_CLOUD_*`` variables are read by
+    :meth:`scope_trio.config.ServerConfig.with_env`). ``api_key`` is never shown."""
 
     app_id: str | None = None
     api_key: str | None = field(default=None, repr=False)
     ws_url: str | None = None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> CloudSettings:
-        return cls(
-            app_id=environ.get("SCOPE_CLOUD_APP_ID") or None,
-            api_key=environ.get("SCOPE_CLOUD_API_KEY") or None,
-            ws_url=environ.get("SCOPE_CLOUD_WS_URL") or None,
-        )
 
     @property
     def credentials_configured(self) -> bool:

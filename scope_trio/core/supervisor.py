@@ -233,11 +233,6 @@ class PendingStart:
         self._supervisor = supervisor
         self._ticket = ticket
 
-    @property
-    def current(self) -> bool:
-        """False once a later start, a stop or a link loss superseded this one."""
-        return self._ticket == self._supervisor._ticket
-
     async def connected(self) -> None:
         """Returns once the session is connected; raises as :meth:`SessionSupervisor.start`."""
         await self._supervisor._launch(self._ticket)
