@@ -260,11 +260,7 @@ DOCS: dict[str, str] = {
 
 def _config_fields() -> dict[str, tuple[type[Any], dict[str, dataclasses.Field[Any]]]]:
     """Section → (its type, its configurable fields by name)."""
-    top = {
-        f.name: f
-        for f in fields(ServerConfig)
-        if f.name not in _SECTIONS and f.name not in ("link",)
-    }
+    top = {f.name: f for f in fields(ServerConfig) if f.name not in _SECTIONS}
     out: dict[str, tuple[type[Any], dict[str, dataclasses.Field[Any]]]] = {
         "server": (ServerConfig, top)
     }
