@@ -151,6 +151,22 @@ async def test_a_300_ms_blip_is_survived_in_place_and_a_keyframe_requested() -> 
         assert net.losses() == []
 
 
+async def test_a_round_trip_that_grows_fivefold_is_no_loss() -> None:
+    """aiortc's round-trip estimate follows a slower path over several reports, so the first
+    reports after the growth look starved by it: the cloud's video, still arriving, says the
+    direction lives. The growth comes in 20 ms steps (no inbound silence to hint at a blip)."""
+    async with through_netem(RTT100) as net:
+        for one_way in range(70, 270, 20):  # 100 ms → 500 ms round trip over ~1 s
+            net.netem.configure("both", Impairment(delay=one_way / 1000, reorder=False))
+            await trio.sleep(0.1)
+        with trio.move_on_after(8):  # several receiver reports, the estimate catches up
+            status = await net.until(lambda s: s.sessions_lost > 0, timeout=math.inf)
+            pytest.fail(f"a healthy session was lost: {status.last_loss_reason}")
+        assert net.losses() == []
+        assert net.stats.slower_path_reports >= 1, "no report looked starved: not the case"
+        await net.frames_after(trio.current_time())
+
+
 async def test_a_dead_server_to_cloud_direction_is_its_own_loss_kind() -> None:
     async with through_netem(RTT100) as net:
         net.netem.blackout("up", None, "existing")  # the new session finds a working path

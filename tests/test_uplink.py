@@ -92,3 +92,39 @@ async def test_next_report_and_wait_rtp_wake_their_waiters(autojump_clock: MockC
     assert receipts.latest is not None
     assert receipts.latest.rtt is None
     assert receipts.rtp_received == 1
+
+
+async def test_the_quiet_of_the_remotes_rtp_is_reported(autojump_clock: MockClock) -> None:
+    receipts = _receipts()
+    await _send(receipts, 0, 10, 0.03)
+    receipts._on_rtp_received()
+    await trio.sleep(0.25)
+    receipts._on_report(3)
+    assert receipts.latest is not None
+    assert receipts.latest.rtp_quiet == pytest.approx(0.25)
+
+
+async def test_a_remote_that_received_nothing_between_two_reports_is_told_apart(
+    autojump_clock: MockClock,
+) -> None:
+    receipts = _receipts()
+    await _send(receipts, 0, 20, 0.03)
+    receipts._on_report(4)  # starved from packet 5 on
+    first = receipts.latest
+    assert first is not None
+    assert not first.nothing_since_previous, "no previous report to compare with"
+    receipts._on_report(4)  # a second block of the same compound: too close to compare
+    assert receipts.latest is not None
+    assert not receipts.latest.nothing_since_previous
+    await _send(receipts, 20, 20, 0.03)
+    receipts._on_report(4)  # 0.6 s later, still nothing past packet 4
+    assert receipts.latest is not None
+    assert receipts.latest.nothing_since_previous
+    assert receipts.latest.starved_for == pytest.approx(first.starved_for + 0.6)
+    receipts._on_report(30)  # the remote got more: a slower path, not a dead one
+    assert receipts.latest is not None
+    assert not receipts.latest.nothing_since_previous
+    await trio.sleep(0.5)
+    receipts._on_report(39)  # everything: nothing starved to compare with
+    receipts._on_report(39)
+    assert not receipts.latest.nothing_since_previous

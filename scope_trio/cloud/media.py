@@ -21,7 +21,9 @@ Loss of packets is not loss of the session. Three failures are told apart:
 * **the server→cloud direction is dead**: the cloud's RTCP receiver reports say it has
   received nothing we sent for ``uplink_silence_timeout`` seconds beyond a round trip
   (:mod:`scope_trio.rtc.uplink`), while it still talks to us (after a two-way silence, only
-  if its video does not follow within a round trip: that was a blip);
+  if its video does not follow within a round trip: that was a blip). While the cloud's
+  video still reaches us, a starved report is taken for a path that just became slower (our
+  round-trip estimate lags it) unless the cloud received nothing since its previous report;
 * **the decoder is stuck while packets still flow**: no frame for ``stall_timeout`` seconds
   starts an in-place recovery (keyframe requests every 0.25 s; the receive path handles its
   own holes); only if no picture returns within ``stall_recovery_timeout`` more is it a loss.
@@ -66,6 +68,10 @@ returned: a keyframe is requested at once (video never leaves such a gap on a li
 RETURN_POLL = 0.02
 """How often the inbound direction is looked at for a return (adds at most this much)."""
 UPLINK_CONFIRM = 0.1
+CLOUD_VIDEO_QUIET = 0.2
+"""A starved report is believed only once the cloud's video has been quiet this long (or
+``uplink_silence_timeout`` if shorter), or when the cloud received nothing since its
+previous report (see ``uplink``)."""
 """Beyond a round trip: how long the cloud's video is awaited before an ambiguous starved
 report (after a silence of both directions) is taken as a dead server→cloud direction."""
 KEYFRAME_INTERVAL = 0.25
@@ -112,7 +118,9 @@ class MediaConfig:
     round trip: the server→cloud direction is dead, a loss. (When the report follows a
     silence of our inbound direction, it could also be a two-way blip reported just before
     our packets reached the cloud again: then the cloud's video is awaited a round trip
-    + 0.1 s first.) Healthy, the excess stays within ±0.1 s (measured: about 0 at 100 ms
+    + 0.1 s first. While the cloud's video still flows, one starved report is taken for a
+    round trip that grew faster than our estimate of it; two in a row are a loss.) Healthy,
+    the excess stays within ±0.1 s (measured: about 0 at 100 ms
     RTT). The cloud reports every 0.5-1.5 s, so a dead direction is seen at the first report
     0.3 s + RTT after the fault: 0.5-2 s, ~1 s typically. ``math.inf`` turns it off."""
     path_silence_timeout: float = 1.0
@@ -144,6 +152,9 @@ class MediaStats:
     """Stalls that pictures recovered from in place (no rebuild)."""
     path_returns: int = 0
     """Silences of the path shorter than a loss, ended by datagrams (a keyframe requested)."""
+    slower_path_reports: int = 0
+    """Starved receiver reports taken for a round trip that grew faster than our estimate
+    of it (the cloud's video still arrived), not for a dead server→cloud direction."""
     live_sources: set[rtc.TrioVideoSource] = field(default_factory=set, repr=False)
     """Outgoing tracks of the sessions running now; their count is read live."""
 
@@ -481,9 +492,16 @@ class _LossWatch:
         limit = self.config.uplink_silence_timeout
         if receipts is None or not math.isfinite(limit):
             return
+        quiet = min(CLOUD_VIDEO_QUIET, limit)
         while True:
             report = await receipts.next_report()
             if report.beyond_rtt < limit:
+                continue
+            if report.rtp_quiet < quiet and not report.nothing_since_previous:
+                # The cloud's video, made from ours, still reaches us: the path became
+                # slower and our smoothed round trip lags it (a dead direction stops that
+                # video a round trip later, or shows again in the next report).
+                self.session.stats.slower_path_reports += 1
                 continue
             if report.inbound_gap < RETURN_GAP or await self._sending_dead(receipts):
                 detail = (

@@ -13,6 +13,13 @@ A silence of both directions (a blip) also starves the remote: the longest silen
 inbound direction within the starved window is reported beside it, and the arrival of the
 remote's RTP can be awaited (:meth:`UplinkReceipts.wait_rtp`), so a judge can tell a blip
 that just ended from a dead direction (see :mod:`scope_trio.cloud.media`).
+
+The round trip is aiortc's smoothed estimate, which follows a path that became slower only
+over several reports (each new sample weighs 15 %). Right after the round trip grows, a
+healthy report therefore looks starved by the growth. Two more facts are reported so a judge
+can tell that from a dead direction: how long the remote's RTP has been quiet (its video,
+made from ours, stops about a round trip after our packets stop reaching it) and whether
+the remote received nothing at all since its previous report.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ SENT_HISTORY = 10.0
 """Seconds of send times kept (longer starvation is reported as at least this)."""
 GAP_MIN = 0.05
 """Inbound silences shorter than this are not recorded (video packets come every ~33 ms)."""
+REPORT_SPACING = 0.25
+"""Reports closer than this (two blocks of one RTCP compound) are not compared."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,12 @@ class UplinkReport:
     """Our sender's round-trip estimate (None before the first)."""
     inbound_gap: float
     """The longest silence of our inbound direction within the starved window."""
+    rtp_quiet: float
+    """Seconds before ``at`` since the remote's last RTP reached us (its media still flows
+    when this is small)."""
+    nothing_since_previous: bool
+    """The previous report, at least :data:`REPORT_SPACING` earlier, already left the same
+    packet unreceived: the remote received nothing we sent between the two reports."""
 
     @property
     def beyond_rtt(self) -> float:
@@ -62,7 +77,10 @@ class UplinkReceipts:
         self._ssrc = internals.sender_ssrc(sender)
         self._sent: deque[tuple[int, float]] = deque()
         self._gaps: deque[tuple[float, float]] = deque()
-        self._last_in = trio.current_time()
+        self._last_in = self._last_rtp = trio.current_time()
+        self._previous: tuple[float, float] | None = None
+        """The send time of the first packet the latest report left unreceived, and the
+        arrival of the first report that left it so."""
         self._changed = trio.Event()
         self._rtp_waiter: trio.Event | None = None
         self.reports = 0
@@ -100,6 +118,7 @@ class UplinkReceipts:
 
     def _on_rtp_received(self) -> None:
         self.rtp_received += 1
+        self._last_rtp = trio.current_time()
         waiter, self._rtp_waiter = self._rtp_waiter, None
         if waiter is not None:
             waiter.set()
@@ -128,7 +147,17 @@ class UplinkReceipts:
             starved_for=now - since,
             rtt=internals.sender_rtt(self._sender),
             inbound_gap=max(0.0, gap),
+            rtp_quiet=now - self._last_rtp,
+            nothing_since_previous=(
+                self._previous is not None
+                and since == self._previous[1]
+                and now - self._previous[0] >= REPORT_SPACING
+            ),
         )
+        if not sent:
+            self._previous = None
+        elif self._previous is None or since != self._previous[1]:
+            self._previous = (now, since)
         self.reports += 1
         changed, self._changed = self._changed, trio.Event()
         changed.set()
