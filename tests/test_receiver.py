@@ -326,6 +326,7 @@ def test_an_outage_is_skipped_at_once_with_a_keyframe_request() -> None:
 def test_the_give_up_bound_follows_the_round_trip_of_retransmissions() -> None:
     buf = FrameBuffer()
     assert buf.current_give_up == 0.5  # no round trip known yet
+    assert buf.typical_fill is None
     stream = frames(12, packets=2)
     t = 0.0
     for k in range(0, 12, 3):  # a packet of every third frame comes back 0.3 s later
@@ -339,6 +340,7 @@ def test_the_give_up_bound_follows_the_round_trip_of_retransmissions() -> None:
         t += 0.4
     assert abs(buf.current_give_up - (2.5 * 0.3 + 0.1)) < 1e-6
     assert abs(buf.current_nack_interval - 1.2 * 0.3) < 1e-6
+    assert buf.typical_fill is not None and abs(buf.typical_fill - 0.3) < 1e-6
     # A reordered packet (not a retransmission) says nothing about the round trip.
     quick = FrameBuffer()
     a, b = frames(2, packets=2)

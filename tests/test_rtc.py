@@ -206,17 +206,75 @@ async def test_source_forwards_at_most_twice_fps_with_increasing_pts(aio_loop: o
         assert pts == sorted(set(pts))
         # pts follow wall time in the 90 kHz clock (loose: the machine may be loaded).
         assert pts[-1] - pts[0] >= int(0.9 * elapsed * 90_000) - 9_000
-        # Newest frame wins: two pushes before a recv deliver only the second.
+        # A burst leaves in order: two pushes before a recv deliver both.
         source.push(rgb_frame(32, 32, 0))
         source.push(rgb_frame(32, 32, 255))
         with trio.fail_after(FRAME_DEADLINE):
-            frame = await aio(source.recv)
-        assert mean_luma(frame) > 200
-        assert source.frames_pushed == 13
+            assert mean_luma(await aio(source.recv)) < 20
+            assert mean_luma(await aio(source.recv)) > 200
+        assert (source.frames_pushed, source.frames_skipped) == (13, 0)
     finally:
         source.stop()
     with pytest.raises(MediaStreamError):
         await aio(source.recv)
+
+
+def _timed(luma: int, seconds: float) -> VideoFrame:
+    """A 32x32 frame of ``luma`` whose media time is ``seconds`` (90 kHz pts)."""
+    frame = rgb_frame(32, 32, luma)
+    frame.pts = round(seconds * 90_000)
+    frame.time_base = rtc.VIDEO_TIME_BASE
+    return frame
+
+
+async def test_source_skips_what_is_too_late_and_what_a_slow_encoder_cannot_catch_up(
+    aio_loop: object,
+) -> None:
+    source = rtc.TrioVideoSource(fps=30, idle_timeout=None, max_lateness=0.3)
+    try:
+        with trio.fail_after(FRAME_DEADLINE):
+            # A backlog within the bound is forwarded, oldest first; older is skipped.
+            for i, luma in enumerate((10, 60, 110, 160)):
+                source.push(_timed(luma, i * 0.14))  # 0, 0.14, 0.28, 0.42 s
+            assert source.frames_skipped == 1, "0 s is more than 0.3 s behind 0.42 s"
+            got = [round(mean_luma(await aio(source.recv)), -1) for _ in range(3)]
+            assert got == [60, 110, 160]
+            # A pts that goes backwards is a new stream: what waited is dropped.
+            source.push(_timed(200, 9.0))
+            source.push(_timed(30, 1.0))
+            assert source.frames_skipped == 2
+            assert round(mean_luma(await aio(source.recv)), -1) == 30
+            # An encoder slower than the frames' spacing (33 ms) gets only the newest.
+            media_time = 1.0
+            for _ in range(8):
+                media_time += 1 / 30
+                source.push(_timed(80, media_time))
+                await aio(source.recv)
+                await trio.sleep(0.06)  # "encoding" for 60 ms
+            skipped = source.frames_skipped
+            for luma in (50, 100, 150):
+                media_time += 1 / 30
+                source.push(_timed(luma, media_time))
+            assert round(mean_luma(await aio(source.recv)), -1) == 150
+            assert source.frames_skipped == skipped + 2
+    finally:
+        source.stop()
+
+
+def test_the_lateness_bound_is_one_retransmission_within_limits() -> None:
+    assert rtc.lateness_bound(None) == tracks.MIN_LATENESS  # no hole seen: a short bound
+    assert rtc.lateness_bound(0.01) == tracks.MIN_LATENESS
+    assert rtc.lateness_bound(0.3) == pytest.approx(tracks.LATENESS_PER_FILL * 0.3)
+    assert rtc.lateness_bound(5.0) == tracks.MAX_LATENESS
+    bound = [0.05]
+    source = rtc.TrioVideoSource(max_lateness=lambda: bound[0])  # read at every push
+    source.push(_timed(10, 0.0))
+    source.push(_timed(20, 0.1))
+    assert source.frames_skipped == 1
+    bound[0] = 0.5
+    source.push(_timed(30, 0.2))
+    assert source.frames_skipped == 1
+    source.stop()
 
 
 async def test_source_black_frame_without_input(aio_loop: object) -> None:

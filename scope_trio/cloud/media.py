@@ -152,6 +152,10 @@ class MediaStats:
     """Stalls that pictures recovered from in place (no rebuild)."""
     path_returns: int = 0
     """Silences of the path shorter than a loss, ended by datagrams (a keyframe requested)."""
+    retransmission_delay: float | None = None
+    """How long a hole of the running session's cloud video typically waits for its
+    retransmission (about the round trip); forwarding the cloud's frames allows backlogs
+    this late (:func:`scope_trio.rtc.lateness_bound`)."""
     slower_path_reports: int = 0
     """Starved receiver reports taken for a round trip that grew faster than our estimate
     of it (the cloud's video still arrived), not for a dead server→cloud direction."""
@@ -374,7 +378,9 @@ class _LossWatch:
         self.lost(kind, f"peer connection {state}")
 
     def _deliver(self, frame: VideoFrame) -> None:
-        self.session.stats.frames_received_from_cloud += 1
+        stats = self.session.stats
+        stats.frames_received_from_cloud += 1
+        stats.retransmission_delay = self.track.retransmission_delay()
         self.last_frame_at = trio.current_time()
         self.first_frame.set()
         new_frame, self.new_frame = self.new_frame, trio.Event()

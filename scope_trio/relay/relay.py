@@ -230,7 +230,12 @@ class Relay:
         params = owned(initial_parameters or {}, "initialParameters")
 
         pc = rtc.PeerConnection([], close_timeout=self._close_timeout)  # collects events now
-        track = rtc.TrioVideoSource(fps=self.fps, idle_timeout=None)  # _hold_frames feeds it
+        stats = self._manager.media_stats
+        track = rtc.TrioVideoSource(  # _hold_frames feeds it; backlogs as late as one NACK
+            fps=self.fps,
+            idle_timeout=None,
+            max_lateness=lambda: rtc.lateness_bound(stats.retransmission_delay),
+        )
         session: _BrowserSession | None = None
         took_cloud = False  # we retired the session whose cloud media session was running
         try:

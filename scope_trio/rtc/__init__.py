@@ -51,7 +51,7 @@ from scope_trio.rtc.peer import (
     SessionDescription,
 )
 from scope_trio.rtc.sdp import InvalidCandidateError, parse_ice_candidate
-from scope_trio.rtc.tracks import VIDEO_TIME_BASE, TrioVideoSource, black_frame
+from scope_trio.rtc.tracks import VIDEO_TIME_BASE, TrioVideoSource, black_frame, lateness_bound
 from scope_trio.rtc.uplink import UplinkReceipts, UplinkReport
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "black_frame",
     "configure_process",
     "get_ice_consent",
+    "lateness_bound",
     "open_loop",
     "parse_ice_candidate",
     "tune_ice_consent",

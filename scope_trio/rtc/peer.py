@@ -114,6 +114,12 @@ class RemoteTrack:
         track ends; returns how many. ``ValueError`` if this is not a video track."""
         return await tracks.receive_video(self._track, deliver)
 
+    def retransmission_delay(self) -> float | None:
+        """How long a hole of this video track typically waits for its retransmission
+        (about a round trip); None before the first. Feed :func:`~scope_trio.rtc.tracks.
+        lateness_bound` with it for the track its frames are forwarded on."""
+        return tracks.retransmission_delay(self._pc._pc, self._track)
+
     async def drain(self) -> None:
         """Consume the track until it ends (a track we do not use must still be read)."""
         await tracks.drain(self._track)

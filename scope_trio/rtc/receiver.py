@@ -38,6 +38,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -232,6 +233,12 @@ class FrameBuffer:
     def _outage(self, timestamp: int) -> bool:
         jump = (timestamp - self._highest_timestamp + 0x80000000) % 0x100000000 - 0x80000000
         return jump > OUTAGE * CLOCK_RATE
+
+    @property
+    def typical_fill(self) -> float | None:
+        """Median seconds from a hole's appearance to its fill, over the recent fills (about
+        a round trip of this hop); None before the first retransmission."""
+        return statistics.median(self._fills) if self._fills else None
 
     @property
     def current_nack_interval(self) -> float:

@@ -56,7 +56,9 @@ class CloudSession:
         self.cloud = cloud
         self.id = uuid.uuid4().hex
         self.pc = pc
-        self.source = rtc.TrioVideoSource(idle_timeout=None)
+        self._input: rtc.RemoteTrack | None = None
+        # Backlogs of its input (held by a hole) go out as late as one retransmission.
+        self.source = rtc.TrioVideoSource(idle_timeout=None, max_lateness=self._lateness)
         self.parameters: dict[str, Any] = dict(initial)
         self.close_requested = trio.Event()
         self.blackhole_until = -math.inf
@@ -142,6 +144,7 @@ class CloudSession:
     async def _tracks(self, nursery: trio.Nursery) -> None:
         async for track in self.pc.tracks:
             if track.kind == "video":
+                self._input = track
                 nursery.start_soon(track.receive_video, self._on_frame)
             else:
                 nursery.start_soon(track.drain)
@@ -163,6 +166,10 @@ class CloudSession:
                 continue
             self.parameters.update(update)
             self.cloud.record_parameters(update)
+
+    def _lateness(self) -> float:
+        delay = None if self._input is None else self._input.retransmission_delay()
+        return rtc.lateness_bound(delay)
 
     def _on_frame(self, frame: VideoFrame) -> None:
         """One input frame: through the video pipeline, or (paused) the last frame again.
