@@ -340,7 +340,8 @@ def test_the_give_up_bound_follows_the_round_trip_of_retransmissions() -> None:
         t += 0.4
     assert abs(buf.current_give_up - (2.5 * 0.3 + 0.1)) < 1e-6
     assert abs(buf.current_nack_interval - 1.2 * 0.3) < 1e-6
-    assert buf.typical_fill is not None and abs(buf.typical_fill - 0.3) < 1e-6
+    assert buf.typical_fill is not None
+    assert abs(buf.typical_fill - 0.3) < 1e-6
     # A reordered packet (not a retransmission) says nothing about the round trip.
     quick = FrameBuffer()
     a, b = frames(2, packets=2)
