@@ -359,6 +359,33 @@ async def test_a_blackout_of_existing_sessions_spares_a_new_one() -> None:
             peer.sock.close()
 
 
+async def test_a_datagram_sent_before_its_sdp_was_seen_is_held_not_dropped() -> None:
+    """An answerer's first ICE check leaves before the proxy has seen its answer: the relay
+    holds it until that answer names its source, as a real network would just deliver it."""
+    async with (
+        open_netem(seed=7, up=Impairment(delay=0.05)) as emulator,
+        trio.open_nursery() as nursery,
+    ):
+        server, cloud, stranger = [await _peer(nursery) for _ in range(3)]
+        session = await emulator.open_session()
+        to_server = await session.add_endpoint(server.addr, "server")  # the offer
+        await cloud.send(to_server, 1)  # from an address no SDP has named yet
+        await stranger.send(to_server, 2)  # one that will never be named
+        await trio.sleep(0.2)
+        assert server.got == []
+        await session.add_endpoint(cloud.addr, "cloud")  # the answer passes the proxy
+        await server.wait_for(1)
+        assert [seq for seq, _, _ in server.got] == [1]
+        with trio.move_on_after(1.2):  # the hold bound (1 s) passes for the stranger
+            await server.wait_for(2, timeout=math.inf)
+        await session.add_endpoint(stranger.addr, "cloud")  # too late: dropped
+        assert [seq for seq, _, _ in server.got] == [1]
+        assert emulator.snapshot()["unknown_source"] == 1
+        nursery.cancel_scope.cancel()
+        for peer in (server, cloud, stranger):
+            peer.sock.close()
+
+
 async def test_the_queue_is_bounded_and_sessions_retire() -> None:
     async with udp_path(up=Impairment(delay=5.0), max_queued=10, max_sessions=2) as path:
         await _send_spaced(path.server, path.to_cloud, 30, 0)

@@ -4,8 +4,8 @@
 reconnect supervisor drives it exactly as it drives the fake. Per session:
 
 1. ``get_ice_servers`` over the signaling link; a new peer connection with exactly those;
-2. an outgoing video track fed from :class:`VideoInput` (newest frame wins, black after 1 s
-   without input), the ordered data channel ``parameters``, and an offer carrying
+2. an outgoing video track fed from :class:`VideoInput` (a short queue that never lags,
+   see :class:`scope_trio.rtc.TrioVideoSource`; black after 1 s without input), the ordered data channel ``parameters``, and an offer carrying
    ``initialParameters``; the cloud's answer applied;
 3. ``connected`` and the data channel open awaited (the supervisor's attempt deadline bounds
    the whole connect); a keyframe requested on the inbound video;

@@ -29,8 +29,10 @@ Guarantees:
   ``OUTAGE`` (0.25 s) of media time is an outage: its packets are stale, so they are not
   NACKed and the keyframe is asked for at once. Nothing waits longer than the bound for a
   missing packet, and a released backlog leaves at once, so latency stays bounded after
-  any loss (at the price of the frames a stall skipped: they are decoded, for their
-  references, but the relay forwards only the newest).
+  any loss. The frames a filled hole held are decoded (they are references) and forwarded
+  as long as they are at most one typical retransmission late (``typical_fill``, read by
+  :func:`scope_trio.rtc.tracks.lateness_bound`); older ones, those a skip to a keyframe
+  left behind, are not shown.
 * Sequence numbers wrap (16 bits, unwrapped to a running index); timestamps are compared only
   for equality, so their wrap needs nothing. Duplicates and packets of frames already
   released or dropped are ignored. At most ``max_packets`` are held (the oldest frames go).

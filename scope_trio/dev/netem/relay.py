@@ -5,7 +5,12 @@ relay binds a *mirror* socket and tells the other peer the mirror's address inst
 :mod:`.sdp`). A datagram arriving at the mirror of endpoint ``x`` from endpoint ``s`` is
 forwarded to ``x`` from the mirror of ``s``: each side sees exactly one consistent address
 per remote endpoint, ICE pairs them normally, and since neither side ever learns a real
-address of the other, no direct path exists. A datagram from an address no SDP named is
+address of the other, no direct path exists. A datagram from an address no SDP has named
+*yet* is held for up to ``UNKNOWN_HOLD`` seconds and goes on, with its original arrival
+time, once the SDP naming its source has passed the signaling proxy: an answerer's first
+ICE check leaves as soon as it made its answer, before the proxy has rewritten that answer,
+and a real network would deliver it (dropping it made every connect wait out a STUN
+retransmission, 1 s with the server's consent timing). What is still unmatched then is
 dropped (counted as ``unknown_source``).
 
 Between arrival and departure a datagram goes through its direction's :class:`.impair.Link`
@@ -28,6 +33,7 @@ import itertools
 import math
 import random
 import socket
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,6 +51,9 @@ Scope = Literal["all", "existing"]
 """A blackout of ``all`` sessions (new ones included) or only of those that exist now."""
 MAX_DATAGRAM = 65536
 JANITOR_INTERVAL = 1.0
+UNKNOWN_HOLD = 1.0
+"""Seconds a datagram from a source no SDP has named yet waits for that SDP."""
+UNKNOWN_HELD_MAX = 256
 
 
 @dataclass(eq=False)
@@ -98,6 +107,7 @@ class Session:
         self.endpoints.append(ep)
         self.netem._by_real[real] = ep  # a newer session's endpoint wins a reused port
         self._nursery.start_soon(self.netem._receive, ep)
+        self.netem._release_held(real)
         return ep.mirror
 
     async def _mirror(self, text: str, side: Side) -> str:
@@ -178,6 +188,8 @@ class Netem:
         """How late datagrams left compared with their release time: the emulator's own
         accuracy (a busy process delays its timers; check it before trusting a figure)."""
         self._by_real: dict[Addr, Endpoint] = {}
+        self._held: deque[tuple[float, Endpoint, bytes, Addr]] = deque()
+        """Datagrams from sources no SDP has named yet: (arrival, mirror, data, source)."""
         self._heap: list[tuple[float, int, int, Direction, Endpoint, Addr, bytes]] = []
         self._order = itertools.count()
         self._session_ids = itertools.count(1)
@@ -268,13 +280,18 @@ class Netem:
                 continue
             self._arrived(ep, data, Addr(*source[:2]))
 
-    def _arrived(self, ep: Endpoint, data: bytes, source: Addr) -> None:
+    def _arrived(
+        self, ep: Endpoint, data: bytes, source: Addr, arrival: float | None = None
+    ) -> None:
+        now = trio.current_time() if arrival is None else arrival
         origin = self._by_real.get(source)
+        if origin is None and arrival is None:
+            self._hold(now, ep, data, source)
+            return
         if origin is None or origin.closed or origin.side == ep.side:
             self.unknown_source += 1
             return
         direction: Direction = "up" if origin.side == "server" else "down"
-        now = trio.current_time()
         ep.session.last_activity = origin.session.last_activity = now
         blackout = (
             now < ep.session.blackout_until[direction]
@@ -290,6 +307,27 @@ class Netem:
         heapq.heappush(self._heap, item)
         if self._heap[0] is item:
             self._wake.set()
+
+    def _hold(self, now: float, ep: Endpoint, data: bytes, source: Addr) -> None:
+        held = self._held
+        while held and (now - held[0][0] > UNKNOWN_HOLD or len(held) >= UNKNOWN_HELD_MAX):
+            held.popleft()
+            self.unknown_source += 1
+        held.append((now, ep, data, source))
+
+    def _release_held(self, real: Addr) -> None:
+        """``real`` was just named: what it sent meanwhile goes on (as of its arrival)."""
+        now = trio.current_time()
+        keep: deque[tuple[float, Endpoint, bytes, Addr]] = deque()
+        for item in self._held:
+            arrival, ep, data, source = item
+            if source != real:
+                keep.append(item)
+            elif now - arrival > UNKNOWN_HOLD or ep.closed:
+                self.unknown_source += 1
+            else:
+                self._arrived(ep, data, source, arrival)
+        self._held = keep
 
     async def _scheduler(self) -> None:
         while True:
