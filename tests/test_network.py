@@ -151,6 +151,25 @@ async def test_a_300_ms_blip_is_survived_in_place_and_a_keyframe_requested() -> 
         assert net.losses() == []
 
 
+async def test_a_rebuilt_sessions_pictures_reach_the_user_before_its_channel_opens() -> None:
+    """At 100 ms RTT the parameters channel opens ~0.3 s after DTLS (SCTP's handshakes);
+    the cloud's frames flow a round trip after DTLS and are delivered at once."""
+    async with through_netem(RTT100) as net:
+        response = await net.cloud.post("/control/faults", json={"action": "close_pc"})
+        assert response.status_code == 200, response.text
+        await net.until(lambda s: s.webrtc_reconnecting)
+        while True:  # what the lost session delivered before it was lost
+            try:
+                net.frames.receive_nowait()
+            except trio.WouldBlock:
+                break
+        with trio.fail_after(10):
+            await net.frames.receive()  # the rebuilt session's first picture
+        status = net.supervisor.status
+        assert not status.webrtc_connected, "the channel opened before the first picture"
+        await net.until(lambda s: s.webrtc_connected)
+
+
 async def test_a_round_trip_that_grows_fivefold_is_no_loss() -> None:
     """aiortc's round-trip estimate follows a slower path over several reports, so the first
     reports after the growth look starved by it: the cloud's video, still arriving, says the

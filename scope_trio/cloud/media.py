@@ -8,7 +8,8 @@ reconnect supervisor drives it exactly as it drives the fake. Per session:
    see :class:`scope_trio.rtc.TrioVideoSource`; black after 1 s without input), the ordered data channel ``parameters``, and an offer carrying
    ``initialParameters``; the cloud's answer applied;
 3. ``connected`` and the data channel open awaited (the supervisor's attempt deadline bounds
-   the whole connect); a keyframe requested on the inbound video;
+   the whole connect), the cloud's frames already handed on meanwhile; a keyframe requested
+   on the inbound video;
 4. inbound frames handed to ``on_frame`` until the session is lost.
 
 Loss of packets is not loss of the session. Three failures are told apart:
@@ -301,15 +302,27 @@ class CloudMediaSession:
         logs.bind_session(session_id)  # this task and its loss watchers log for this session
         self.stats.offers_successful += 1
         await pc.apply_answer(sdp, str(answer.get("sdp_type", "answer")))
-        await pc.wait_state("connected")
-        await channel.wait_open()
+        # The answer announces the cloud's track, and its frames flow once DTLS is up, a few
+        # round trips before the parameters channel opens (SCTP): they go to the user at
+        # once (a rebuild shows live pictures ~0.25 s sooner at 100 ms RTT), while the
+        # session still counts as connecting.
         track = await pc.tracks.receive()
+        async with trio.open_nursery() as early:
+            early.start_soon(track.receive_video, self._deliver_early)
+            await pc.wait_state("connected")
+            await channel.wait_open()
+            early.cancel_scope.cancel()
         self._open = True
         self.stats.sessions[session_id] = "connected"
         logger.info("cloud media session %s connected", session_id)
         task_status.started()
 
         return await self._serve(pc, track, attempt.lost, source)
+
+    def _deliver_early(self, frame: VideoFrame) -> None:
+        self.stats.frames_received_from_cloud += 1
+        if self._on_frame is not None:
+            self._on_frame(frame)
 
     async def _serve(
         self,
