@@ -82,6 +82,46 @@ async def next_frame_where(
     raise AssertionError("track ended")
 
 
+async def test_a_check_from_the_remote_makes_ours_go_again_at_once(aio_loop: object) -> None:
+    """Every first check of the offerer is lost and aioice would retry it only on its
+    retransmission timer, 5 s here: the answerer's check (sent 0.3 s late, as into a path
+    that was down), answered, makes the offerer send its own again at once (RFC 8445's
+    triggered check), so it connects long before."""
+    saved = rtc.tune_ice_consent(rto=5.0)
+    offerer = raw.new_peer_connection([])
+    answerer = raw.new_peer_connection([])
+    events = raw.PeerEvents(offerer)
+    offerer.addTransceiver("video")
+    lost: set[tuple[int, tuple[Any, ...]]] = set()
+    try:
+        offer = await raw.create_offer(offerer)
+        for protocol in internals.ice_protocols(offerer):
+
+            def send_stun(message: Any, addr: Any, _send: Any = protocol.send_stun) -> None:
+                first = (id(_send), tuple(addr))
+                if message.message_class == aioice.stun.Class.REQUEST and first not in lost:
+                    lost.add(first)  # the first check to each address never arrives
+                    return
+                _send(message, addr)
+
+            protocol.send_stun = send_stun
+        answer = await raw.answer_offer(answerer, offer.sdp)
+        for protocol in internals.ice_protocols(answerer):
+
+            def send_late(message: Any, addr: Any, _send: Any = protocol.send_stun) -> None:
+                asyncio.get_running_loop().call_later(0.3, _send, message, addr)
+
+            protocol.send_stun = send_late
+        await raw.apply_answer(offerer, answer.sdp)
+        with trio.fail_after(3.0):  # the retransmission would come at 5 s
+            await events.wait_state("connected")
+        assert lost, "no first check was lost: the case was not made"
+    finally:
+        rtc.tune_ice_consent(**dataclasses.asdict(saved))
+        await raw.close_peer_connection(offerer)
+        await raw.close_peer_connection(answerer)
+
+
 async def test_new_peer_connection_converts_ice_servers(aio_loop: object) -> None:
     pc = raw.new_peer_connection(
         [

@@ -97,6 +97,7 @@ async def create_offer(pc: RTCPeerConnection) -> RTCSessionDescription:
     """Create and apply a local offer; returns it with all host candidates gathered."""
     offer = await aio(pc.createOffer)
     await aio(pc.setLocalDescription, offer)
+    _check_back_at_once(pc)
     return _local_description(pc)
 
 
@@ -126,6 +127,7 @@ async def answer_offer(
         await aio(pc.setLocalDescription, answer)
     except (*MALFORMED_SDP_ERRORS, RuntimeError) as exc:
         raise malformed(exc, "malformed SDP: cannot answer it") from exc
+    _check_back_at_once(pc)
     return _local_description(pc)
 
 
@@ -148,6 +150,13 @@ async def _set_remote(pc: RTCPeerConnection, sdp: str, sdp_type: str) -> None:
     # Every video receiver now exists and starts only after ICE and DTLS: give it the
     # receive buffer that releases frames when whole (scope_trio.rtc.receiver).
     internals.install_frame_buffers(pc, current_loop())
+
+
+def _check_back_at_once(pc: RTCPeerConnection) -> None:
+    """Our ICE sockets exist once the local description is set: each answers a remote
+    check with its own at once (see ``check_back_at_once`` in the internals)."""
+    for protocol in internals.ice_protocols(pc):
+        internals.check_back_at_once(protocol)
 
 
 def _local_description(pc: RTCPeerConnection) -> RTCSessionDescription:
