@@ -5,8 +5,9 @@ reconnect supervisor drives it exactly as it drives the fake. Per session:
 
 1. ``get_ice_servers`` over the signaling link; a new peer connection with exactly those;
 2. an outgoing video track fed from :class:`VideoInput` (a short queue that never lags,
-   see :class:`scope_trio.rtc.TrioVideoSource`; black after 1 s without input), the ordered data channel ``parameters``, and an offer carrying
-   ``initialParameters``; the cloud's answer applied;
+   see :class:`scope_trio.rtc.TrioVideoSource`; black after 1 s without input), the
+   ordered data channel ``parameters``, and an offer carrying ``initialParameters``; the
+   cloud's answer applied;
 3. ``connected`` and the data channel open awaited (the supervisor's attempt deadline bounds
    the whole connect), the cloud's frames already handed on meanwhile; a keyframe requested
    on the inbound video;
@@ -69,12 +70,12 @@ returned: a keyframe is requested at once (video never leaves such a gap on a li
 RETURN_POLL = 0.02
 """How often the inbound direction is looked at for a return (adds at most this much)."""
 UPLINK_CONFIRM = 0.1
+"""Beyond a round trip: how long the cloud's video is awaited before an ambiguous starved
+report (after a silence of both directions) is taken as a dead server→cloud direction."""
 CLOUD_VIDEO_QUIET = 0.2
 """A starved report is believed only once the cloud's video has been quiet this long (or
 ``uplink_silence_timeout`` if shorter), or when the cloud received nothing since its
 previous report (see ``uplink``)."""
-"""Beyond a round trip: how long the cloud's video is awaited before an ambiguous starved
-report (after a silence of both directions) is taken as a dead server→cloud direction."""
 KEYFRAME_INTERVAL = 0.25
 """Pause between keyframe requests while pictures are awaited."""
 

@@ -231,7 +231,7 @@ class Relay:
 
         pc = rtc.PeerConnection([], close_timeout=self._close_timeout)  # collects events now
         stats = self._manager.media_stats
-        track = rtc.TrioVideoSource(  # _hold_frames feeds it; backlogs as late as one NACK
+        track = rtc.TrioVideoSource(  # _hold_frames feeds it; backlogs one retransmission late
             fps=self.fps,
             idle_timeout=None,
             max_lateness=lambda: rtc.lateness_bound(stats.retransmission_delay),

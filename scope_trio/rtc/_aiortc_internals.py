@@ -818,12 +818,10 @@ def check_back_at_once(protocol: Any) -> None:
         if not _is_binding_request(data):
             return
         for transaction in list(transactions.values()):
-            request = getattr(transaction, "_Transaction__request", None)
-            target = getattr(transaction, "_Transaction__addr", None)
+            request = _get(transaction, "_Transaction__request")  # checked by verify()
+            target = _get(transaction, "_Transaction__addr")
             if (
-                request is not None
-                and target is not None
-                and tuple(target[:2]) == tuple(addr[:2])
+                tuple(target[:2]) == tuple(addr[:2])
                 and request.message_method == aioice.stun.Method.BINDING
                 and request.message_class == aioice.stun.Class.REQUEST
             ):

@@ -79,8 +79,8 @@ class UplinkReceipts:
         self._gaps: deque[tuple[float, float]] = deque()
         self._last_in = self._last_rtp = trio.current_time()
         self._previous: tuple[float, float] | None = None
-        """The send time of the first packet the latest report left unreceived, and the
-        arrival of the first report that left it so."""
+        """The arrival of the first report that left the latest report's first unreceived
+        packet unreceived, and that packet's send time."""
         self._changed = trio.Event()
         self._rtp_waiter: trio.Event | None = None
         self.reports = 0
