@@ -75,7 +75,7 @@ class IceConsent:
 
     tune: bool = True
     interval: float = 0.3
-    failures: int = 3
+    failures: int = 6
     rto: float = 1.0
 
     def __post_init__(self) -> None:

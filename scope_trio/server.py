@@ -17,7 +17,7 @@ Shutdown (the block ends, or it is cancelled) runs in this order, the whole of i
 
 ``open_server`` sets aioice's ICE consent timing for the WHOLE PROCESS
 (:func:`scope_trio.rtc.configure_process`, ``[ice]`` in the configuration: a silent cloud
-path closes in ~4 s instead of ~31 s, a backstop to the media session's own ~1 s
+path closes in ~8 s instead of ~31 s, a backstop to the media session's own ~1 s
 path-silence signal) and restores the previous timing when it returns.
 """
 

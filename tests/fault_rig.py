@@ -372,7 +372,7 @@ async def open_stack(
 
     ``devcloud`` is a config for an in-process dev cloud (default: ``invert``) or the base
     URL of one running elsewhere. ICE consent is tuned fast for the block (as ``serve``
-    does): the media session's path-silence signal sees a silent path in ~1 s, consent in ~4 s.
+    does): the media session's path-silence signal sees a silent path in ~1 s, consent in ~8 s.
     """
     options = {**FAST_LINK_OPTIONS, **(link_options or {})}
     async with trio.open_nursery() as outer:

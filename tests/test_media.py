@@ -187,7 +187,7 @@ async def test_blackhole_is_detected_by_path_silence_and_recovered() -> None:
         await r.control("blackhole", seconds=4, scope="existing")
         status = await r.until(lambda s: s.webrtc_reconnecting)
         detected = trio.current_time() - t_fault
-        # Silence, not consent (~4 s) or the stall watchdog (2 s), saw it first.
+        # Silence, not consent (~8 s) or the stall watchdog (2 s), saw it first.
         assert status.last_loss_reason == f"no packets from the cloud for 1 s {SILENT}"
         await r.until(lambda s: s.webrtc_connected)
         r.drain()
@@ -207,7 +207,7 @@ LATENCY_MS = 150
 """Held by the dev cloud in each direction: a 300 ms round trip, common for a distant GPU."""
 HEALTHY_WINDOW = 6.0
 """Absence window: no loss may be seen for this long under latency. The old tuning lost the
-stream ~1.5 s in; consent with the new one would close a dead path after ~4 s."""
+stream ~1.5 s in; consent with the new one would close a dead path after ~8 s."""
 OLD_FAST_CONSENT = rtc.ConsentTiming(interval=0.3, failures=3, rto=0.2)
 """The tuning before path silence: a consent check timed out after 0.2 s."""
 

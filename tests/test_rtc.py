@@ -490,9 +490,9 @@ async def test_answer_offer_rejects_malformed_sdp(aio_loop: object) -> None:
 def test_tune_ice_consent_sets_and_restores() -> None:
     original = rtc.get_ice_consent()
     try:
-        previous = rtc.tune_ice_consent(0.3, 3, 1.0)
+        previous = rtc.tune_ice_consent(0.3, 6, 1.0)
         assert previous == original
-        assert (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES) == (0.3, 3)
+        assert (aioice.ice.CONSENT_INTERVAL, aioice.ice.CONSENT_FAILURES) == (0.3, 6)
         assert aioice.stun.RETRY_RTO == 1.0
         assert rtc.get_ice_consent() == rtc.FAST_CONSENT
         assert rtc.tune_ice_consent(**dataclasses.asdict(previous)) == rtc.FAST_CONSENT
@@ -510,7 +510,7 @@ CONSENT_HEALTHY_WINDOW = 1.5
 
 
 async def test_silent_path_detected_with_fast_consent(aio_loop: object) -> None:
-    """A datagram filter makes the path silent; fast consent closes it (~4 s), long before
+    """A datagram filter makes the path silent; fast consent closes it (~8 s), long before
     aioice's default would (~31 s). The media session's faster signal is path silence.
 
     The consent interval is read when each check is scheduled, so tune before connecting.

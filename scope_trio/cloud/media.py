@@ -32,7 +32,7 @@ Loss of packets is not loss of the session. Three failures are told apart:
 
 Other loss signals: the peer connection going ``closed``/``failed`` without us closing it
 (aiortc reports a lost path as ``closed``; with the server's consent timing,
-:func:`scope_trio.rtc.configure_process`, ICE consent does so for a silent path in ~4 s), the
+:func:`scope_trio.rtc.configure_process`, ICE consent does so for a silent path in ~8 s), the
 inbound track ending, no first frame within ``first_frame_timeout``. Each ends the session
 once, with a typed reason. The peer connection is closed exactly once, shielded and under its
 own deadline, on every way out.
