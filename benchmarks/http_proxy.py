@@ -47,6 +47,7 @@ from scope_trio import rtc
 from scope_trio.cloud.manager import CloudManager, CloudSettings
 from scope_trio.config import ServerConfig
 from scope_trio.dev.devcloud import DevCloudConfig, serve_devcloud, ws_url
+from scope_trio.dev.fakes import NoRelay
 from scope_trio.ops.logring import DEFAULT_MAX_BYTES, LogRing
 from scope_trio.server import open_server
 
@@ -56,23 +57,6 @@ TAILS, QUICK_TAILS = 2000, 300
 OVERHEAD_LIMIT_MS = 2.0
 TAIL_LIMIT_MS = 5.0
 WARMUP = 50
-
-
-class NoRelay:
-    async def offer(self, *args: Any, **kwargs: Any) -> dict[str, str]:
-        raise NotImplementedError
-
-    async def add_candidates(self, *args: Any) -> None:
-        raise KeyError(args[0])
-
-    async def close(self, session_id: str) -> None:
-        raise KeyError(session_id)
-
-    async def close_all(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    def sessions(self) -> dict[str, dict[str, Any]]:
-        return {}
 
 
 @asynccontextmanager

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import trio
 from fake_cloud_ws import FakeCloud, FakeCloudConnection, serve_fake_cloud, standard_reply
-from no_relay import NoRelay
 from quart.typing import TestClientProtocol as QuartClient
 
 from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.dev.fakes import NoRelay
 from scope_trio.http.app import ROUTES, ScopeApp, create_app
 from scope_trio.http.routes.pipeline import NOT_LOADED
 from scope_trio.ops.logring import LogRing

@@ -19,11 +19,11 @@ import httpx
 import pytest
 import trio
 from browser_peer import http_browser
-from no_relay import NoRelay
 
 from scope_trio import rtc
 from scope_trio.cli import serve_main
 from scope_trio.cloud.manager import CloudManager, CloudSettings
+from scope_trio.dev.fakes import NoRelay
 from scope_trio.http.app import PIPELINE_NOT_LOADED
 from scope_trio.server import ServerConfig, is_loopback, serve
 

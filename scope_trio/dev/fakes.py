@@ -6,6 +6,9 @@ forever. While a session is connected a test can :meth:`FakeCloud.lose` it. Ever
 does is recorded, so a test can assert "never two live sessions", "every session closed",
 and "every parameter update arrived". It uses only trio time, so it runs under
 ``trio.testing.MockClock`` with exact virtual times.
+
+:class:`NoRelay` is a browser relay that does nothing, for tests and benchmarks of the
+server whose subject is not the relay (``open_server(..., relay_factory=...)``).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import copy
 import enum
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,3 +223,31 @@ class FakeCloud:
     def _closed(self, session: FakeSession) -> None:
         self.live -= 1
         self._touch()
+
+
+class NoRelay:
+    """Implements ``BrowserRelay``: no sessions, refuses offers, knows no session ids."""
+
+    async def offer(
+        self,
+        sdp: str,
+        sdp_type: str,
+        initial_parameters: Mapping[str, Any] | None = None,
+        *,
+        user_id: str | None = None,
+    ) -> dict[str, str]:
+        raise NotImplementedError
+
+    async def add_candidates(
+        self, session_id: str, candidates: Sequence[Mapping[str, Any]]
+    ) -> None:
+        raise KeyError(session_id)
+
+    async def close(self, session_id: str) -> None:
+        raise KeyError(session_id)
+
+    async def close_all(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def sessions(self) -> dict[str, dict[str, Any]]:
+        return {}
