@@ -578,7 +578,11 @@ class TickedVideoSource(rtc.TrioVideoSource):
             self._t0 = self._next_slot = now
         if self._next_slot > now:
             await asyncio.sleep(self._next_slot - now)
-        frame, _ = await self._next_frame()
+        if await self._wait_for_input():  # idle: a black frame is due
+            frame = rtc.black_frame(*self._size)
+        else:
+            self._skip(len(self._queue) - 1)  # the newest frame only, as aiortc relays do
+            frame = self._queue.popleft()[1]
         now = time.monotonic()
         self._next_slot = max(self._next_slot + self._interval, now)
         pts = max(int((now - self._t0) * 90_000), self._last_pts + 1)
