@@ -7,20 +7,16 @@ the numbers themselves.
 
 from __future__ import annotations
 
-import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from types import ModuleType
 
 
 def test_latency_benchmark_reports_every_stage_of_both_relays(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    latency = importlib.import_module("latency")
+    latency = load_benchmark("latency")
     out = tmp_path / "latency.json"
     status = latency.main(["--quick", "--seconds", "2", "--json", str(out)])
     report = json.loads(out.read_text())

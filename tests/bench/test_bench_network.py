@@ -7,21 +7,17 @@ check, not a speed assert).
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from types import ModuleType
 
 
 def test_network_runs_profiles_through_the_emulator(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    bench = importlib.import_module("network")
+    bench = load_benchmark("network")
     out = tmp_path / "network.json"
     argv = ["--duration", "1", "--observe", "4", "--profiles", "clean,close_pc", "--json", str(out)]
     assert bench.main(argv) == 0

@@ -6,26 +6,21 @@ Each runs its own ``trio.run`` (the scripts' ``main``), so these are plain sync 
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module(name)
-
 
 def test_stop_latency_reports_every_scenario_and_leaks_nothing(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    load_benchmark: Callable[[str], ModuleType],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    bench = load(monkeypatch, "stop_latency")
+    bench = load_benchmark("stop_latency")
     out = tmp_path / "stop_latency.json"
     argv = ["--quick", "--samples", "1", "--cycles", "5", "--json", str(out)]
     status = bench.main(argv)
@@ -63,9 +58,9 @@ def test_stop_latency_reports_every_scenario_and_leaks_nothing(
 
 
 def test_recovery_measures_every_fault_and_close_pc_is_seen_at_once(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    bench = load(monkeypatch, "recovery")
+    bench = load_benchmark("recovery")
     out = tmp_path / "recovery.json"
     argv = ["--quick", "--runs", "1", "--json", str(out)]
     assert bench.main(argv) == 0

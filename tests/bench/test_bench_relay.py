@@ -7,35 +7,26 @@ load worker, the report) works, not the numbers themselves.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-import pytest
-
 from scope_trio import rtc
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def _load(monkeypatch: pytest.MonkeyPatch, name: str) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    return importlib.import_module(name)
-
-
-def test_counter_frames_read_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    relay = _load(monkeypatch, "relay")
+def test_counter_frames_read_back(load_benchmark: Callable[[str], ModuleType]) -> None:
+    relay = load_benchmark("relay")
     for n in (1, 2, 0x555, 0xAAA, 4095):
         assert relay.read_counter(relay.counter_frame(n)) == n
     assert relay.read_counter(rtc.black_frame(512, 512)) is None, "black carries no number"
 
 
 def test_relay_benchmark_reports_both_servers(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    relay = _load(monkeypatch, "relay")
+    relay = load_benchmark("relay")
     out = tmp_path / "relay.json"
     argv = ["--quick", "--seconds", "2", "--json", str(out)]
     status = relay.main(argv)
@@ -65,9 +56,9 @@ def test_relay_benchmark_reports_both_servers(
 
 
 def test_api_load_benchmark_reports_latency_and_errors(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
-    api_load = _load(monkeypatch, "api_load")
+    api_load = load_benchmark("api_load")
     out = tmp_path / "api_load.json"
     argv = ["--seconds", "2", "--pollers", "10", "--subscribers", "3", "--json", str(out)]
     status = api_load.main(argv)
@@ -87,11 +78,11 @@ def test_api_load_benchmark_reports_latency_and_errors(
 
 
 def test_load_benchmark_reports_errors_memory_and_fps(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    load_benchmark: Callable[[str], ModuleType], tmp_path: Path
 ) -> None:
     """benchmarks/load.py end to end in its shortest window: the dev cloud and the server as
     processes of their own, the two faults, the paced load worker, the report."""
-    load = _load(monkeypatch, "load")
+    load = load_benchmark("load")
     out = tmp_path / "load.json"
     argv = [
         "--seconds",
