@@ -173,6 +173,8 @@ class FrameBuffer:
         self._fills: deque[float] = deque(maxlen=FILLS_REMEMBERED)
         """Seconds from a hole's appearance to its fill by a retransmission (a round trip,
         or more when a NACK or its answer was lost), for the last few such holes."""
+        self._typical_fill: float | None = None
+        """Median of ``_fills``, kept as fills come (read for every forwarded frame)."""
         self._highest_timestamp = 0
         self._packets: dict[int, _Packet] = {}
         self._holes: dict[int, _Hole] = {}
@@ -222,6 +224,7 @@ class FrameBuffer:
         hole = self._holes.pop(index, None)
         if hole is not None and retransmission:
             self._fills.append(now - hole.noticed)
+            self._typical_fill = statistics.median(self._fills)
         if index > self._highest:
             for missing in range(self._highest + 1, index):
                 self._holes[missing] = _Hole(now, now)  # aiortc NACKs a new gap at once
@@ -240,7 +243,7 @@ class FrameBuffer:
     def typical_fill(self) -> float | None:
         """Median seconds from a hole's appearance to its fill, over the recent fills (about
         a round trip of this hop); None before the first retransmission."""
-        return statistics.median(self._fills) if self._fills else None
+        return self._typical_fill
 
     @property
     def current_nack_interval(self) -> float:
