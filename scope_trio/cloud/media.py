@@ -50,6 +50,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 import trio
@@ -309,7 +310,7 @@ class CloudMediaSession:
         # session still counts as connecting.
         track = await pc.tracks.receive()
         async with trio.open_nursery() as early:
-            early.start_soon(track.receive_video, self._deliver_early)
+            early.start_soon(track.receive_video, partial(self._hand_on, track))
             await pc.wait_state("connected")
             await channel.wait_open()
             early.cancel_scope.cancel()
@@ -320,8 +321,10 @@ class CloudMediaSession:
 
         return await self._serve(pc, track, attempt.lost, source)
 
-    def _deliver_early(self, frame: VideoFrame) -> None:
+    def _hand_on(self, track: rtc.RemoteTrack, frame: VideoFrame) -> None:
+        """Every frame from the cloud, from the first one on: counted and handed on."""
         self.stats.frames_received_from_cloud += 1
+        self.stats.retransmission_delay = track.retransmission_delay()
         if self._on_frame is not None:
             self._on_frame(frame)
 
@@ -392,15 +395,11 @@ class _LossWatch:
         self.lost(kind, f"peer connection {state}")
 
     def _deliver(self, frame: VideoFrame) -> None:
-        stats = self.session.stats
-        stats.frames_received_from_cloud += 1
-        stats.retransmission_delay = self.track.retransmission_delay()
         self.last_frame_at = trio.current_time()
         self.first_frame.set()
         new_frame, self.new_frame = self.new_frame, trio.Event()
         new_frame.set()
-        if self.session._on_frame is not None:
-            self.session._on_frame(frame)
+        self.session._hand_on(self.track, frame)
 
     async def connection_state(self) -> None:
         """``closed``/``failed`` that we did not cause (aiortc has no ``disconnected``)."""
